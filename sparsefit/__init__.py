@@ -1,0 +1,24 @@
+"""sparsefit: structured-sparse approximation of dense matrices.
+
+A dense ``out × in`` matrix ``A`` is approximated by ``G~ = B_{N-1}P_{N-1} ··· B_0P_0``: ``N``
+layers, each a fixed random permutation followed by a block-diagonal matrix of 2×2 blocks.
+
+Example
+-------
+>>> import numpy as np, sparsefit
+>>> A = sparsefit.synth("perm", size=64, seed=0)
+>>> result = sparsefit.fit(A, sparsefit.FitConfig(depth=12, steps=300))   # doctest: +SKIP
+>>> result.metrics.relative_error                                          # doctest: +SKIP
+
+Importing this package does not import typer or rich and does not initialise CUDA.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import FitConfig, Phase
+from .errors import SparsefitError
+from .operator import GTilde
+
+__all__ = ["FitConfig", "GTilde", "Phase", "SparsefitError", "__version__"]

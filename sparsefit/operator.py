@@ -1,0 +1,345 @@
+"""The G~ operator: parameters, permutations, apply, transpose-apply, ``to_dense``, regulariser.
+
+Mathematics and conventions (the file format uses the same ones):
+
+* Width ``n`` (even), depth ``N``, ``h = n / 2`` blocks per layer.
+* Layers are stored in **application order**: layer 0 touches the input first. With
+  ``L_j = B_j P_j`` the operator is ``G~ = L_{N-1} ··· L_1 L_0``; the note's
+  ``B(θ1)P1 ··· B(θN)PN`` is the same product with ``θN`` stored as layer 0.
+* ``perms[j]`` gathers: ``(P_j z)[i] = z[perms[j][i]]``.
+* ``blocks[j, b]`` is a 2×2 matrix acting on positions ``(2b, 2b+1)``:
+  ``y[2b + r] = sum_c blocks[j, b, r, c] · z[2b + c]``.
+* Rectangular targets (``out_features × in_features``): the input is zero-padded to ``n``, the
+  output is the first ``out_features`` entries.
+
+Three implementations share one signature ``f(x, blocks, perms, out_features) -> y`` with
+``x: (batch, in_features)`` and ``y: (batch, out_features)``:
+
+* :func:`gtilde_reference` — plain PyTorch with generic autograd, the test oracle;
+* :func:`gtilde_torch` — feature-major layout and a hand-written backward (inverse permutation
+  gathers, batched 2×2 products), several times faster on CPU;
+* the fused GPU kernel in :mod:`sparsefit.kernels` (same signature).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import SparsefitError
+from .permutations import inverse_permutations, sample_permutations
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and counts
+# ----------------------------------------------------------------------------------------------
+def default_width(out_features: int, in_features: int) -> int:
+    """The note's choice: ``2 · max(out, in)`` (always even)."""
+    return 2 * max(out_features, in_features)
+
+
+def check_shape(out_features: int, in_features: int, depth: int, width: int) -> None:
+    """Raise :class:`SparsefitError` unless the operator dimensions are usable."""
+    if out_features < 1 or in_features < 1:
+        raise SparsefitError(f"matrix shape {out_features}x{in_features} is empty; give a non-empty 2-D matrix")
+    if depth < 1:
+        raise SparsefitError(f"depth must be at least 1, got {depth}")
+    if width % 2:
+        raise SparsefitError(f"width must be even (2x2 blocks), got {width}; try --width {width + 1}")
+    if width < max(out_features, in_features):
+        raise SparsefitError(
+            f"width {width} is smaller than the matrix ({out_features}x{in_features}); "
+            f"use --width {max(out_features, in_features) + max(out_features, in_features) % 2} or more"
+        )
+
+
+def gtilde_num_parameters(depth: int, width: int) -> int:
+    """Trainable parameters: 4 per 2×2 block, ``width/2`` blocks per layer."""
+    return 2 * width * depth
+
+
+def gtilde_flops_per_matvec(depth: int, width: int) -> int:
+    """Floating-point operations of one ``G~ x``: 2 multiply-adds per output entry per layer."""
+    return 4 * width * depth
+
+
+def random_orthogonal_blocks(
+    depth: int, width: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Haar-random 2×2 orthogonal blocks, shape ``(depth, width // 2, 2, 2)``.
+
+    A rotation by a uniform angle, times a reflection with probability 1/2.
+    """
+    h = width // 2
+    theta = torch.rand(depth, h, generator=generator, dtype=torch.float64) * (2 * math.pi)
+    sign = torch.where(torch.rand(depth, h, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    c, s = torch.cos(theta), torch.sin(theta)
+    # [[c, -s·sign], [s, c·sign]] = rotation · diag(1, sign)
+    blocks = torch.stack([torch.stack([c, -s * sign], -1), torch.stack([s, c * sign], -1)], -2)
+    return blocks.to(dtype)
+
+
+def orthogonality_penalty(blocks: torch.Tensor) -> torch.Tensor:
+    """Mean over all blocks of ``2 · ||I − BᵀB||²_F`` (a scalar, differentiable)."""
+    btb = blocks.transpose(-1, -2) @ blocks
+    eye = torch.eye(2, dtype=blocks.dtype, device=blocks.device)
+    return 2.0 * ((eye - btb) ** 2).sum(dim=(-1, -2)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference implementation (the oracle)
+# ----------------------------------------------------------------------------------------------
+def gtilde_reference(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``y = G~ x`` row by row, in plain PyTorch with generic autograd.
+
+    x: ``(batch, in_features)``; blocks: ``(depth, n/2, 2, 2)``; perms: ``(depth, n)`` integer;
+    returns ``(batch, out_features)``.
+    """
+    batch, k = x.shape
+    depth, h = blocks.shape[0], blocks.shape[1]
+    n = 2 * h
+    z = torch.nn.functional.pad(x, (0, n - k))
+    for j in range(depth):
+        z = z[:, perms[j].long()]
+        z = torch.einsum("hrc,bhc->bhr", blocks[j], z.reshape(batch, h, 2)).reshape(batch, n)
+    return z[:, :out_features]
+
+
+def gtilde_transpose_reference(
+    y: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, in_features: int
+) -> torch.Tensor:
+    """``x = G~ᵀ y`` in plain PyTorch. y: ``(batch, out_features)`` → ``(batch, in_features)``."""
+    batch, m = y.shape
+    depth, h = blocks.shape[0], blocks.shape[1]
+    n = 2 * h
+    z = torch.nn.functional.pad(y, (0, n - m))
+    inv = inverse_permutations(perms.long())
+    for j in reversed(range(depth)):
+        z = torch.einsum("hcr,bhc->bhr", blocks[j], z.reshape(batch, h, 2)).reshape(batch, n)
+        z = z[:, inv[j]]
+    return z[:, :in_features]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast PyTorch implementation: feature-major activations, hand-written backward
+# ----------------------------------------------------------------------------------------------
+def _forward_fm(
+    xt: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, save: torch.Tensor | None
+) -> torch.Tensor:
+    """Apply all layers to feature-major ``xt: (n, batch)``; optionally keep each layer's gathered input."""
+    depth, h = blocks.shape[0], blocks.shape[1]
+    n, batch = xt.shape
+    cur = xt
+    for j in range(depth):
+        z = save[j] if save is not None else torch.empty_like(cur)
+        torch.index_select(cur, 0, perms[j], out=z)
+        cur = torch.bmm(blocks[j], z.view(h, 2, batch)).view(n, batch)
+    return cur
+
+
+def _transpose_fm(
+    dt: torch.Tensor,
+    blocks: torch.Tensor,
+    inv_perms: torch.Tensor,
+    saved: torch.Tensor | None = None,
+    grad_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply ``G~ᵀ`` to feature-major ``dt: (n, batch)``; with ``saved`` also accumulate block gradients."""
+    depth, h = blocks.shape[0], blocks.shape[1]
+    n, batch = dt.shape
+    cur = dt
+    bt = blocks.transpose(-1, -2)
+    for j in reversed(range(depth)):
+        v = cur.view(h, 2, batch)
+        if grad_blocks is not None and saved is not None:
+            torch.bmm(v, saved[j].view(h, 2, batch).transpose(1, 2), out=grad_blocks[j])
+        dz = torch.bmm(bt[j], v).view(n, batch)
+        cur = dz.index_select(0, inv_perms[j])
+    return cur
+
+
+def _pad_fm(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(batch, k)`` → zero-padded feature-major ``(n, batch)``."""
+    batch, k = x.shape
+    xt = x.new_zeros(n, batch)
+    xt[:k] = x.t()
+    return xt
+
+
+class _GTildeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, blocks, perms, inv_perms, out_features):  # type: ignore[override]
+        depth, h = blocks.shape[0], blocks.shape[1]
+        n = 2 * h
+        xt = _pad_fm(x, n)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        saved = xt.new_empty(depth, n, x.shape[0]) if need_grad else None
+        y = _forward_fm(xt, blocks, perms, saved)
+        if need_grad:
+            ctx.save_for_backward(saved, blocks, inv_perms)
+        ctx.in_features = x.shape[1]
+        return y[:out_features].t().contiguous()
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        saved, blocks, inv_perms = ctx.saved_tensors
+        h = blocks.shape[1]
+        gt = _pad_fm(gy.to(blocks.dtype), 2 * h)
+        gblocks = torch.empty_like(blocks) if ctx.needs_input_grad[1] else None
+        gx = _transpose_fm(gt, blocks, inv_perms, saved, gblocks)
+        gx = gx[: ctx.in_features].t().contiguous() if ctx.needs_input_grad[0] else None
+        return gx, gblocks, None, None, None
+
+
+def gtilde_torch(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    perms: torch.Tensor,
+    out_features: int,
+    inv_perms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = G~ x``; same contract as :func:`gtilde_reference`, faster (hand-written backward).
+
+    ``inv_perms`` (the inverse permutations) may be passed to save recomputing them.
+    """
+    perms = perms.long()
+    if inv_perms is None:
+        inv_perms = inverse_permutations(perms)
+    return _GTildeFunction.apply(x, blocks, perms, inv_perms.long(), out_features)
+
+
+def gtilde_transpose_torch(
+    y: torch.Tensor,
+    blocks: torch.Tensor,
+    perms: torch.Tensor,
+    in_features: int,
+    inv_perms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x = G~ᵀ y`` (no autograd); same contract as :func:`gtilde_transpose_reference`."""
+    if inv_perms is None:
+        inv_perms = inverse_permutations(perms.long())
+    n = 2 * blocks.shape[1]
+    with torch.no_grad():
+        xt = _transpose_fm(_pad_fm(y, n), blocks, inv_perms.long())
+    return xt[:in_features].t().contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# The operator as a module
+# ----------------------------------------------------------------------------------------------
+class GTilde(nn.Module):
+    """A structured-sparse linear map ``G~ : R^in_features → R^out_features``.
+
+    Parameters
+    ----------
+    in_features, out_features:
+        Shape of the approximated matrix (``out × in``).
+    depth:
+        Number of layers ``N`` (each ``B_j P_j``).
+    width:
+        Internal width ``n`` (even, ``≥ max(out, in)``); default ``2 · max(out, in)``.
+    seed:
+        Seeds the permutations and the orthogonal initialisation.
+    sampler:
+        Permutation sampler name (see :mod:`sparsefit.permutations`).
+
+    ``forward(x)`` takes ``x: (..., in_features)`` and returns ``(..., out_features)``.
+
+    Example
+    -------
+    >>> g = GTilde(300, 200, depth=8, seed=0)
+    >>> g(torch.randn(5, 300)).shape
+    torch.Size([5, 200])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        depth: int,
+        width: int | None = None,
+        *,
+        seed: int = 0,
+        sampler: str = "uniform",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        perms: torch.Tensor | None = None,
+        blocks: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        width = default_width(out_features, in_features) if width is None else int(width)
+        check_shape(out_features, in_features, depth, width)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.depth = int(depth)
+        self.width = width
+        self.sampler = sampler
+        self.seed = int(seed)
+        if perms is None or blocks is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            if perms is None:
+                perms = sample_permutations(depth, width, gen, sampler)
+            if blocks is None:
+                blocks = random_orthogonal_blocks(depth, width, gen, dtype)
+        self.blocks = nn.Parameter(blocks.to(device=device, dtype=dtype).contiguous())
+        perms = perms.to(device=device, dtype=torch.int64).contiguous()
+        self.register_buffer("perms", perms)
+        self.register_buffer("inv_perms", inverse_permutations(perms), persistent=False)
+
+    # -- counts -----------------------------------------------------------------------------
+    @property
+    def num_parameters(self) -> int:
+        return gtilde_num_parameters(self.depth, self.width)
+
+    @property
+    def flops_per_matvec(self) -> int:
+        return gtilde_flops_per_matvec(self.depth, self.width)
+
+    # -- application ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """``G~ x`` for ``x: (..., in_features)`` → ``(..., out_features)``.
+
+        ``backend``: ``auto`` (fused kernel on CUDA when available, else ``torch``), ``torch``,
+        ``reference`` or ``cuda`` (the fused kernel; an error where it cannot run).
+        """
+        if x.shape[-1] != self.in_features:
+            raise SparsefitError(f"input has {x.shape[-1]} features, the operator expects {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        from .kernels import dispatch  # local: keeps the import graph acyclic and lean
+
+        y = dispatch(backend, x2, self.blocks, self.perms, self.out_features, self.inv_perms)
+        return y.reshape(*lead, self.out_features)
+
+    def transpose_apply(self, y: torch.Tensor) -> torch.Tensor:
+        """``G~ᵀ y`` for ``y: (..., out_features)`` → ``(..., in_features)`` (no autograd)."""
+        if y.shape[-1] != self.out_features:
+            raise SparsefitError(f"input has {y.shape[-1]} features, the transpose expects {self.out_features}")
+        lead = y.shape[:-1]
+        y2 = y.reshape(-1, self.out_features).to(self.blocks.dtype)
+        x = gtilde_transpose_torch(y2, self.blocks.detach(), self.perms, self.in_features, self.inv_perms)
+        return x.reshape(*lead, self.in_features)
+
+    @torch.no_grad()
+    def to_dense(self, chunk: int = 4096) -> torch.Tensor:
+        """The matrix ``G~`` as a dense ``(out_features, in_features)`` tensor."""
+        cols = []
+        b = self.blocks.detach()
+        for start in range(0, self.in_features, chunk):
+            stop = min(self.in_features, start + chunk)
+            eye = torch.zeros(stop - start, self.in_features, dtype=b.dtype, device=b.device)
+            eye[:, start:stop] = torch.eye(stop - start, dtype=b.dtype, device=b.device)
+            cols.append(gtilde_torch(eye, b, self.perms, self.out_features, self.inv_perms).t())
+        return torch.cat(cols, dim=1)
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """The regulariser: mean over blocks of ``2 · ||I − BᵀB||²_F``."""
+        return orthogonality_penalty(self.blocks)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
+            f"width={self.width}, sampler={self.sampler!r}"
+        )
