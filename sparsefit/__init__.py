@@ -19,6 +19,30 @@ __version__ = "0.1.0"
 
 from .config import FitConfig, Phase
 from .errors import SparsefitError
+from .fileformat import load, read_header, save
+from .fitting import FitMetrics, FitResult, StepInfo, evaluate, fit
+from .nn import SparseLinear
 from .operator import GTilde
+from .synth import synth
+from .targets import Target, as_target, load_target
 
-__all__ = ["FitConfig", "GTilde", "Phase", "SparsefitError", "__version__"]
+__all__ = [
+    "FitConfig",
+    "FitMetrics",
+    "FitResult",
+    "GTilde",
+    "Phase",
+    "SparseLinear",
+    "SparsefitError",
+    "StepInfo",
+    "Target",
+    "__version__",
+    "as_target",
+    "evaluate",
+    "fit",
+    "load",
+    "load_target",
+    "read_header",
+    "save",
+    "synth",
+]

@@ -323,10 +323,11 @@ class GTilde(nn.Module):
         return x.reshape(*lead, self.in_features)
 
     @torch.no_grad()
-    def to_dense(self, chunk: int = 4096) -> torch.Tensor:
-        """The matrix ``G~`` as a dense ``(out_features, in_features)`` tensor."""
+    def to_dense(self, dtype: torch.dtype | None = None, chunk: int = 4096) -> torch.Tensor:
+        """The matrix ``G~`` as a dense ``(out_features, in_features)`` tensor (in ``dtype``,
+        default the blocks' dtype)."""
         cols = []
-        b = self.blocks.detach()
+        b = self.blocks.detach().to(dtype or self.blocks.dtype)
         for start in range(0, self.in_features, chunk):
             stop = min(self.in_features, start + chunk)
             eye = torch.zeros(stop - start, self.in_features, dtype=b.dtype, device=b.device)

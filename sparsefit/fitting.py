@@ -1,0 +1,310 @@
+"""Fitting G~ to a target by online Adam on fresh Gaussian probes.
+
+The library never prints: progress goes to callbacks (objects with any of ``on_start``,
+``on_step``, ``on_end``). Ctrl-C (``KeyboardInterrupt``) during the steps stops the fit cleanly;
+the result then holds the best parameters seen so far and ``interrupted=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .config import FitConfig, resolve_depth
+from .errors import SparsefitError
+from .metrics import ErrorEstimate, SvdBaseline, relative_error, svd_baseline
+from .operator import GTilde, default_width, gtilde_flops_per_matvec
+from .targets import Target, as_target
+
+#: Steps between progress reports (each report synchronises with the device once).
+REPORT_EVERY = 25
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback's ``on_step`` receives: ``mse`` is the mean over the steps since the last report."""
+
+    step: int
+    total: int
+    mse: float
+    reg: float
+    lr: float
+    phase: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FitMetrics:
+    """The report of a fit. ``relative_error`` is ``||G~ − A||_F / ||A||_F``."""
+
+    relative_error: float
+    relative_error_method: str
+    relative_error_low: float | None
+    relative_error_high: float | None
+    mse_last: float
+    params: int
+    dense_params: int
+    savings: float
+    flops: int
+    dense_flops: int
+    svd_rank: int
+    svd_relative_error: float | None
+    svd_method: str
+    depth: int
+    width: int
+    out_features: int
+    in_features: int
+    steps_run: int
+    seconds: float
+    interrupted: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def file_dict(self) -> dict[str, Any]:
+        """Metrics stored in exported files: everything but the wall-clock time, so that the
+        same command and seed give a byte-identical file."""
+        d = self.to_dict()
+        d.pop("seconds")
+        return d
+
+
+@dataclass
+class FitResult:
+    operator: GTilde
+    metrics: FitMetrics
+    config: FitConfig
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.metrics.interrupted
+
+    def save(self, path: str, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """Export to a sparsefit safetensors file (atomically); returns the header."""
+        from .fileformat import save
+
+        return save(
+            path,
+            self.operator,
+            dtype=dtype,
+            config=self.config.to_dict(),
+            metrics=self.metrics.file_dict(),
+            interrupted=self.interrupted,
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SparsefitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def _step_backend(config: FitConfig, device: torch.device) -> str:
+    if config.backend != "auto":
+        if config.backend == "numba" and device.type != "cpu":
+            raise SparsefitError("the numba fit backend runs on the CPU; use --device cpu or --backend auto")
+        if config.backend == "numba":
+            from .kernels import cpu
+
+            if not cpu.is_available():
+                raise SparsefitError("the numba fit backend needs numba; pip install numba, or use --backend torch")
+        return config.backend
+    if device.type == "cpu":
+        try:
+            from .kernels import cpu
+
+            if cpu.is_available():
+                return "numba"
+        except ImportError:
+            pass
+        return "torch"
+    return "auto"  # CUDA: the fused kernel where available, else the torch path
+
+
+def _emit(callbacks: Sequence[Any], name: str, *args: Any) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, name, None)
+        if fn is not None:
+            fn(*args)
+
+
+def fit(
+    target: Any,
+    config: FitConfig | None = None,
+    callbacks: Sequence[Any] = (),
+    *,
+    shape: tuple[int, int] | None = None,
+    init: GTilde | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Fit G~ to ``target`` and report how good the fit is.
+
+    target: a dense array/tensor ``(out, in)``, a scipy sparse matrix, a
+    ``scipy.sparse.linalg.LinearOperator``, a :class:`~sparsefit.targets.Target`, or a callable
+    ``X ↦ A @ X`` on ``(in, batch)`` tensors (then pass ``shape=(out, in)``).
+    config: a :class:`FitConfig` (default: the note's protocol).
+    callbacks: objects with optional ``on_start(info: dict)``, ``on_step(StepInfo)``,
+    ``on_end(FitResult)``.
+    init: an operator to start from (same shape/width; e.g. a shallower fit extended).
+    should_stop: polled at each report; returning True stops like Ctrl-C.
+
+    Example
+    -------
+    >>> import sparsefit
+    >>> A = sparsefit.synth("perm", size=32)
+    >>> r = sparsefit.fit(A, sparsefit.FitConfig(depth=10, steps=200))
+    >>> r.metrics.relative_error < 1.0
+    True
+    """
+    config = config or FitConfig()
+    tgt: Target = as_target(target, shape)
+    m, k = tgt.shape
+    device = resolve_device(config.device)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    width = config.width if config.width is not None else default_width(m, k)
+    depth = resolve_depth(config.depth, width)
+
+    if init is not None:
+        if (init.out_features, init.in_features, init.width) != (m, k, width):
+            raise SparsefitError("init operator does not match the target's shape and width")
+        op = init.to(device=device, dtype=dtype)
+        depth = op.depth
+    else:
+        op = GTilde(k, m, depth, width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
+    tgt.prepare(device, dtype)
+    backend = _step_backend(config, device)
+    fused_cpu = None
+    if backend == "numba":
+        from .kernels.cpu import fit_step_numba as fused_cpu
+
+    phases = config.phase_steps()
+    opt = torch.optim.Adam([op.blocks], lr=phases[0][1].lr)
+    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+
+    info = {"steps": config.steps, "depth": depth, "width": width, "shape": (m, k), "device": str(device),
+            "backend": backend, "params": op.num_parameters}
+    _emit(callbacks, "on_start", info)
+
+    t0 = time.perf_counter()
+    history: list[tuple[int, float]] = []
+    best_mse, best_blocks = math.inf, None
+    window = torch.zeros((), dtype=torch.float64, device=device)
+    window_n = 0
+    report = torch.zeros((), dtype=torch.float64, device=device)
+    report_n = 0
+    last_window_mse = math.nan
+    interrupted = False
+    step = 0
+    phase_idx, (_, phase) = 0, phases[0]
+    try:
+        for step in range(config.steps):
+            while phase_idx + 1 < len(phases) and step >= phases[phase_idx + 1][0]:
+                phase_idx += 1
+                phase = phases[phase_idx][1]
+                for group in opt.param_groups:
+                    group["lr"] = phase.lr
+            x = torch.randn(config.batch, k, generator=gen, device=device, dtype=dtype)
+            t = tgt.matmat(x)
+            if fused_cpu is not None:
+                mse, grad = fused_cpu(x, t, op.blocks.detach(), op.perms, m)
+                op.blocks.grad = grad
+                if phase.reg > 0:
+                    (phase.reg * op.orthogonality_penalty()).backward()
+            else:
+                y = op(x, backend=backend)
+                mse = ((y - t) ** 2).sum(1).mean() / m
+                loss = mse + phase.reg * op.orthogonality_penalty() if phase.reg > 0 else mse
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mse_d = mse.detach().to(torch.float64)
+            window += mse_d
+            report += mse_d
+            window_n += 1
+            report_n += 1
+            done = step + 1
+            if done % REPORT_EVERY == 0 or done == config.steps:
+                r = float(report) / report_n
+                if not math.isfinite(r):
+                    raise SparsefitError(
+                        f"the fit diverged (loss {r}) at step {done}; lower the learning rate or check the matrix scale"
+                    )
+                _emit(callbacks, "on_step", StepInfo(done, config.steps, r, phase.reg, phase.lr, phase_idx,
+                                                      time.perf_counter() - t0))
+                report.zero_()
+                report_n = 0
+                if should_stop is not None and should_stop():
+                    interrupted = True
+                    break
+            if done % config.eval_every == 0 or done == config.steps:
+                w = float(window) / window_n
+                history.append((done, w))
+                last_window_mse = w
+                if w <= best_mse:
+                    best_mse, best_blocks = w, op.blocks.detach().clone()
+                window.zero_()
+                window_n = 0
+        else:
+            step = config.steps
+    except KeyboardInterrupt:
+        interrupted = True
+    steps_run = step if interrupted else config.steps
+    fit_seconds = time.perf_counter() - t0
+    if best_blocks is not None:
+        with torch.no_grad():
+            op.blocks.copy_(best_blocks)
+    op.blocks.grad = None
+    metrics = evaluate(op, tgt, seed=config.seed, mse_last=last_window_mse if not interrupted else best_mse,
+                       steps_run=steps_run, seconds=fit_seconds, interrupted=interrupted)
+    result = FitResult(op, metrics, config, history)
+    _emit(callbacks, "on_end", result)
+    return result
+
+
+def evaluate(
+    op: GTilde,
+    target: Any,
+    *,
+    seed: int = 0,
+    mse_last: float = math.nan,
+    steps_run: int = 0,
+    seconds: float = 0.0,
+    interrupted: bool = False,
+    shape: tuple[int, int] | None = None,
+) -> FitMetrics:
+    """Measure ``op`` against ``target``: relative error, parameter and FLOP counts, SVD baseline."""
+    tgt = as_target(target, shape)
+    m, k = tgt.shape
+    err: ErrorEstimate = relative_error(op, tgt, seed=seed)
+    params = op.num_parameters
+    svd: SvdBaseline = svd_baseline(tgt, params)
+    return FitMetrics(
+        relative_error=err.value,
+        relative_error_method=err.method,
+        relative_error_low=err.low,
+        relative_error_high=err.high,
+        mse_last=mse_last,
+        params=params,
+        dense_params=m * k,
+        savings=m * k / params,
+        flops=gtilde_flops_per_matvec(op.depth, op.width),
+        dense_flops=2 * m * k,
+        svd_rank=svd.rank,
+        svd_relative_error=svd.relative_error,
+        svd_method=svd.method,
+        depth=op.depth,
+        width=op.width,
+        out_features=m,
+        in_features=k,
+        steps_run=steps_run,
+        seconds=seconds,
+        interrupted=interrupted,
+    )

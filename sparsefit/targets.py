@@ -1,0 +1,382 @@
+"""Targets: the matrix ``A`` to approximate, known densely, sparsely, or only through products.
+
+Every target exposes ``shape = (out_features, in_features)`` and ``matmat(x)`` for row vectors
+``x: (batch, in_features)`` returning ``x @ Aᵀ: (batch, out_features)`` on ``x``'s device and
+dtype. Files are read with :func:`load_target`; Python objects are wrapped by :func:`as_target`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SparsefitError
+
+#: File suffixes :func:`load_target` understands.
+SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth", ".bin", ".mtx")
+
+#: Dense matrices at most this dense are applied as sparse matrices (faster products).
+SPARSE_DENSITY = 0.05
+
+
+def _to_csr(a: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return a.to_sparse_csr()
+
+
+class Target:
+    """Base class. Subclasses implement :meth:`matmat`; the rest is optional."""
+
+    kind = "operator"
+
+    def __init__(self, shape: tuple[int, int], name: str = "matrix") -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.name = name
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move whatever :meth:`matmat` needs to ``device``/``dtype`` once, before a fit."""
+
+    def dense(self, max_elements: int) -> torch.Tensor | None:
+        """``A`` as a float64 CPU tensor when it has at most ``max_elements`` entries, else None."""
+        return None
+
+    def frobenius_norm(self) -> float | None:
+        """``||A||_F`` when known exactly, else None."""
+        return None
+
+    def scipy_operator(self) -> Any | None:
+        """A scipy object with ``@``/``.T`` for singular values (sparse targets), else None."""
+        return None
+
+
+class DenseTarget(Target):
+    """A dense matrix. Very sparse ones (density ≤ 5 %) are applied as sparse matrices."""
+
+    kind = "dense"
+
+    def __init__(self, a: np.ndarray | torch.Tensor, name: str = "matrix") -> None:
+        t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a.detach().cpu()
+        t = check_matrix(t, name)
+        super().__init__(tuple(t.shape), name)
+        self._a64 = t.to(torch.float64).contiguous()
+        density = float((self._a64 != 0).sum()) / self._a64.numel()
+        self.density = density
+        self._dev: torch.Tensor | None = None
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        a = self._a64.to(dtype)
+        if self.density <= SPARSE_DENSITY and device.type == "cpu":
+            self._dev = _to_csr(a)  # x @ Aᵀ computed as (A @ xᵀ)ᵀ
+        else:
+            self._dev = a.t().contiguous().to(device)
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dev is None or self._dev.dtype != x.dtype or self._dev.device != x.device:
+            self.prepare(x.device, x.dtype)
+        assert self._dev is not None
+        if self._dev.layout == torch.sparse_csr:
+            return (self._dev @ x.t()).t()
+        return x @ self._dev
+
+    def dense(self, max_elements: int) -> torch.Tensor | None:
+        return self._a64 if self._a64.numel() <= max_elements else None
+
+    def frobenius_norm(self) -> float:
+        return float(torch.linalg.norm(self._a64))
+
+    def scipy_operator(self) -> Any:
+        return self._a64.numpy()
+
+
+class SparseTarget(Target):
+    """A scipy.sparse matrix, applied without densifying."""
+
+    kind = "sparse"
+
+    def __init__(self, a: Any, name: str = "matrix") -> None:
+        import scipy.sparse as sp
+
+        a = sp.csr_matrix(a)
+        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+            raise SparsefitError(f"{name}: sparse matrix has shape {a.shape}; give a non-empty 2-D matrix")
+        if np.iscomplexobj(a.data):
+            raise SparsefitError(f"{name}: complex entries are not supported; give a real matrix")
+        if not np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_:
+            raise SparsefitError(f"{name}: entries have dtype {a.dtype}; give a real numeric matrix")
+        if not np.isfinite(a.data).all():
+            raise SparsefitError(f"{name}: the matrix contains NaN or Inf; clean it first")
+        super().__init__(a.shape, name)
+        self._a = a.astype(np.float64)
+        self._a.sum_duplicates()
+        self._dev: torch.Tensor | None = None
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        a = self._a
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            t = torch.sparse_csr_tensor(
+                torch.from_numpy(a.indptr.astype(np.int64)),
+                torch.from_numpy(a.indices.astype(np.int64)),
+                torch.from_numpy(a.data).to(dtype),
+                size=a.shape,
+            )
+        self._dev = t.to(device)
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dev is None or self._dev.dtype != x.dtype or self._dev.device != x.device:
+            self.prepare(x.device, x.dtype)
+        assert self._dev is not None
+        return (self._dev @ x.t()).t()
+
+    def dense(self, max_elements: int) -> torch.Tensor | None:
+        if self.shape[0] * self.shape[1] > max_elements:
+            return None
+        return torch.from_numpy(self._a.toarray())
+
+    def frobenius_norm(self) -> float:
+        return float(np.sqrt((self._a.data**2).sum()))
+
+    def scipy_operator(self) -> Any:
+        return self._a
+
+
+class OperatorTarget(Target):
+    """A matrix-free target: ``fn(X)`` with ``X: (in_features, batch)`` returns ``A @ X``.
+
+    ``fn`` may be a function on torch tensors or a ``scipy.sparse.linalg.LinearOperator``
+    (applied in float64 on the CPU).
+    """
+
+    kind = "operator"
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor] | Any, shape: tuple[int, int], name: str = "operator"):
+        if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+            raise SparsefitError(f"operator shape must be (out_features, in_features) >= 1, got {shape}")
+        super().__init__(shape, name)
+        self._fn = fn
+        self._scipy = hasattr(fn, "matmat") and hasattr(fn, "shape")
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scipy:
+            y = self._fn.matmat(x.t().detach().cpu().double().numpy())
+            out = torch.as_tensor(np.asarray(y)).to(device=x.device, dtype=x.dtype)
+        else:
+            out = self._fn(x.t())
+            if not isinstance(out, torch.Tensor):
+                out = torch.as_tensor(np.asarray(out))
+            out = out.to(device=x.device, dtype=x.dtype)
+        if tuple(out.shape) != (self.shape[0], x.shape[0]):
+            raise SparsefitError(
+                f"{self.name}: the operator returned shape {tuple(out.shape)} for input {tuple(x.t().shape)}, "
+                f"expected {(self.shape[0], x.shape[0])}"
+            )
+        return out.t()
+
+    def scipy_operator(self) -> Any | None:
+        return self._fn if (self._scipy and hasattr(self._fn, "rmatvec")) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and wrapping
+# ----------------------------------------------------------------------------------------------
+def check_matrix(t: torch.Tensor | np.ndarray, name: str = "matrix") -> torch.Tensor:
+    """Check that ``t`` is a non-empty, real, finite 2-D numeric matrix; return it as a tensor."""
+    if isinstance(t, np.ndarray):
+        if t.dtype == object:
+            raise SparsefitError(f"{name}: array holds Python objects; save a numeric array")
+        if np.iscomplexobj(t):
+            raise SparsefitError(f"{name}: complex entries are not supported; give a real matrix")
+        if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.number):
+            raise SparsefitError(f"{name}: entries have dtype {t.dtype}; give a real numeric matrix")
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    if t.is_complex():
+        raise SparsefitError(f"{name}: complex entries are not supported; give a real matrix")
+    if t.dtype == torch.bool:
+        raise SparsefitError(f"{name}: entries are booleans; give a real numeric matrix")
+    if t.dim() != 2:
+        raise SparsefitError(f"{name}: expected a 2-D matrix, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise SparsefitError(f"{name}: the matrix is empty (shape {tuple(t.shape)})")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise SparsefitError(f"{name}: the matrix contains NaN or Inf; clean it first")
+    return t
+
+
+def as_target(obj: Any, shape: tuple[int, int] | None = None, name: str = "matrix") -> Target:
+    """Wrap an array, tensor, scipy sparse matrix, LinearOperator or callable as a :class:`Target`."""
+    if isinstance(obj, Target):
+        return obj
+    try:
+        import scipy.sparse as sp
+
+        if sp.issparse(obj):
+            return SparseTarget(obj, name)
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        pass
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return DenseTarget(obj, name)
+    if hasattr(obj, "matmat") and hasattr(obj, "shape"):
+        return OperatorTarget(obj, tuple(obj.shape), name)
+    if callable(obj):
+        if shape is None:
+            raise SparsefitError("a matrix-free target needs its shape: as_target(fn, shape=(out_features, in_features))")
+        return OperatorTarget(obj, shape, name)
+    raise SparsefitError(f"cannot use an object of type {type(obj).__name__} as a target matrix")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+def load_target(path: str | os.PathLike[str], key: str | None = None) -> Target:
+    """Read a matrix file (``.npy``, ``.npz`` dense or scipy.sparse, ``.safetensors``,
+    ``.pt/.pth/.bin`` state dict loaded with ``weights_only=True``, Matrix Market ``.mtx``).
+
+    ``key`` names the tensor inside a file that holds several.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SparsefitError(f"{p}: no such file")
+    if p.is_dir():
+        raise SparsefitError(f"{p} is a directory; give a matrix file ({', '.join(SUFFIXES)})")
+    suffix = p.suffix.lower()
+    name = str(p)
+    if suffix == ".npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except ValueError as e:
+            if "pickle" in str(e).lower() or "object" in str(e).lower():
+                raise SparsefitError(f"{p}: array holds Python objects; save a numeric array") from None
+            raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)})") from None
+        except (OSError, EOFError) as e:
+            raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)}); is it truncated?") from None
+        _reject_key(key, p)
+        return DenseTarget(check_matrix(arr, name), name)
+    if suffix == ".npz":
+        return _load_npz(p, key)
+    if suffix == ".safetensors":
+        return _load_safetensors(p, key)
+    if suffix in (".pt", ".pth", ".bin"):
+        return _load_torch(p, key)
+    if suffix == ".mtx":
+        return _load_mtx(p, key)
+    raise SparsefitError(f"{p}: unknown file type {suffix or '(none)'}; supported: {', '.join(SUFFIXES)}")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _reject_key(key: str | None, p: Path) -> None:
+    if key is not None:
+        raise SparsefitError(f"{p}: --key applies to files holding several tensors, not to {p.suffix} files")
+
+
+def _pick(items: dict[str, Any], key: str | None, p: Path) -> tuple[str, Any]:
+    if key is not None:
+        if key not in items:
+            shown = ", ".join(sorted(items)[:20]) + (" …" if len(items) > 20 else "")
+            raise SparsefitError(f"{p}: no tensor named {key!r}; available: {shown or '(none)'}")
+        return key, items[key]
+    if len(items) == 1:
+        return next(iter(items.items()))
+    if not items:
+        raise SparsefitError(f"{p}: the file holds no tensors")
+    shown = ", ".join(sorted(items)[:20]) + (" …" if len(items) > 20 else "")
+    raise SparsefitError(f"{p}: holds {len(items)} tensors; choose one with --key (available: {shown})")
+
+
+def _load_npz(p: Path, key: str | None) -> Target:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = list(z.files)
+            if {"format", "shape", "data"} <= set(names) and key is None:
+                import scipy.sparse as sp
+
+                return SparseTarget(sp.load_npz(p), str(p))
+            k, _ = _pick({n: None for n in names}, key, p)
+            arr = z[k]
+    except SparsefitError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise SparsefitError(f"{p}: array holds Python objects; save a numeric array") from None
+        raise SparsefitError(f"{p}: not a readable .npz file ({_first_line(e)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise SparsefitError(f"{p}: not a readable .npz file ({_first_line(e)}); is it truncated?") from None
+    return DenseTarget(check_matrix(arr, f"{p}[{k}]"), f"{p}[{k}]")
+
+
+def _load_safetensors(p: Path, key: str | None) -> Target:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            names = list(f.keys())
+            k, _ = _pick({n: None for n in names}, key, p)
+            t = f.get_tensor(k)
+    except SparsefitError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise SparsefitError(f"{p}: not a readable safetensors file ({_first_line(e)}); is it truncated?") from None
+    return DenseTarget(check_matrix(t, f"{p}[{k}]"), f"{p}[{k}]")
+
+
+def load_state_dict_file(p: Path) -> Any:
+    """``torch.load(p, weights_only=True)`` with refusals turned into one-line errors."""
+    import pickle
+
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SparsefitError(
+            f"{p}: refused to load: the file contains Python objects other than tensors ({_first_line(e)[:120]}); "
+            "only plain state dicts are read (weights_only=True)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise SparsefitError(f"{p}: not a readable PyTorch file ({_first_line(e)[:160]}); is it truncated?") from None
+
+
+def _load_torch(p: Path, key: str | None) -> Target:
+    obj = load_state_dict_file(p)
+    if isinstance(obj, torch.Tensor):
+        _reject_key(key, p)
+        return DenseTarget(check_matrix(obj, str(p)), str(p))
+    if isinstance(obj, dict):
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        k, t = _pick(tensors, key, p)
+        return DenseTarget(check_matrix(t, f"{p}[{k}]"), f"{p}[{k}]")
+    raise SparsefitError(f"{p}: holds a {type(obj).__name__}, expected a tensor or a state dict of tensors")
+
+
+def _load_mtx(p: Path, key: str | None) -> Target:
+    import scipy.io
+    import scipy.sparse as sp
+
+    _reject_key(key, p)
+    try:
+        m = scipy.io.mmread(str(p))
+    except Exception as e:  # scipy raises ValueError/OSError/IndexError for malformed files
+        raise SparsefitError(f"{p}: not a readable Matrix Market file ({_first_line(e)})") from None
+    if sp.issparse(m):
+        return SparseTarget(m, str(p))
+    return DenseTarget(check_matrix(np.asarray(m), str(p)), str(p))
