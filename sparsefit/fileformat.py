@@ -8,8 +8,10 @@ several operators share a file):
 * ``permutations`` — ``(depth, width)`` int32, gather convention: ``z'[i] = z[perm[j, i]]``;
 * ``bias`` — ``(out_features,)``, optional.
 
-and string metadata ``{"format": "sparsefit.gtilde", "sparsefit": <JSON header>}``. The header
-is documented in the README. Loading validates everything before use.
+and string metadata with a single key, ``{"sparsefit": <JSON header>}``, whose ``format`` field is
+``"sparsefit.gtilde"``. (One key, because safetensors writes metadata keys in no fixed order and
+the same fit must give a byte-identical file.) The header is documented in the README. Loading
+validates everything before use.
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ def save(
     if dtype is not None:
         header["dtype"] = _FLOAT_DTYPES[dtype]
     tensors = operator_tensors(op, bias, dtype=dtype)
-    metadata = {"format": FORMAT_NAME, "sparsefit": json.dumps(header, sort_keys=True)}
+    metadata = {"sparsefit": json.dumps(header, sort_keys=True)}
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return header
@@ -231,14 +233,16 @@ def load(
 
 
 def _parse_header(meta: dict[str, str], where: str) -> dict[str, Any]:
-    if meta.get("format") != FORMAT_NAME or "sparsefit" not in meta:
-        raise SparsefitError(f"{where}: not a sparsefit file (no '{FORMAT_NAME}' metadata); was it written by sparsefit fit?")
+    if "sparsefit" not in meta:
+        raise SparsefitError(f"{where}: not a sparsefit file (no 'sparsefit' metadata); was it written by sparsefit fit?")
     try:
         header = json.loads(meta["sparsefit"])
     except json.JSONDecodeError:
         raise SparsefitError(f"{where}: the sparsefit header is not valid JSON; the file is corrupt") from None
     if not isinstance(header, dict):
         raise SparsefitError(f"{where}: the sparsefit header is not a JSON object; the file is corrupt")
+    if header.get("format") != FORMAT_NAME:
+        raise SparsefitError(f"{where}: format {header.get('format')!r} is not {FORMAT_NAME!r}; not a G~ file")
     version = header.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise SparsefitError(

@@ -202,7 +202,7 @@ def fit(
     report_n = 0
     last_window_mse = math.nan
     interrupted = False
-    step = 0
+    completed = 0
     phase_idx, (_, phase) = 0, phases[0]
     try:
         for step in range(config.steps):
@@ -225,12 +225,13 @@ def fit(
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            completed += 1
             mse_d = mse.detach().to(torch.float64)
             window += mse_d
             report += mse_d
             window_n += 1
             report_n += 1
-            done = step + 1
+            done = completed
             if done % REPORT_EVERY == 0 or done == config.steps:
                 r = float(report) / report_n
                 if not math.isfinite(r):
@@ -252,11 +253,9 @@ def fit(
                     best_mse, best_blocks = w, op.blocks.detach().clone()
                 window.zero_()
                 window_n = 0
-        else:
-            step = config.steps
     except KeyboardInterrupt:
         interrupted = True
-    steps_run = step if interrupted else config.steps
+    steps_run = completed
     fit_seconds = time.perf_counter() - t0
     if best_blocks is not None:
         with torch.no_grad():

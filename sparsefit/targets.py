@@ -138,6 +138,7 @@ class SparseTarget(Target):
                 torch.from_numpy(a.indices.astype(np.int64)),
                 torch.from_numpy(a.data).to(dtype),
                 size=a.shape,
+                check_invariants=True,
             )
         self._dev = t.to(device)
 
@@ -346,7 +347,10 @@ def load_state_dict_file(p: Path) -> Any:
     import pickle
 
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # files pickled with protocol > 2 trigger an advisory warning before the safe unpickler runs
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise SparsefitError(
             f"{p}: refused to load: the file contains Python objects other than tensors ({_first_line(e)[:120]}); "

@@ -1,0 +1,179 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sparsefit
+from sparsefit import FitConfig, Phase, SparsefitError, fit
+from sparsefit.metrics import relative_error, svd_baseline
+from sparsefit.targets import as_target
+
+SMALL = FitConfig(depth=8, steps=300, batch=64, eval_every=50)
+
+
+def test_fit_permutation_reaches_small_error():
+    a = sparsefit.synth("perm", size=16, seed=0)
+    r = fit(a, FitConfig(depth=16, steps=1500, batch=128, eval_every=100))
+    assert r.metrics.relative_error < 0.05
+    assert r.metrics.relative_error_method == "exact"
+    assert r.metrics.params == 2 * 32 * 16 and r.metrics.dense_params == 256
+    assert r.metrics.steps_run == 1500 and not r.interrupted
+    assert r.history[-1][0] == 1500
+
+
+def test_error_is_measured_not_assumed():
+    a = sparsefit.synth("gaussian", size=24, seed=1)
+    r = fit(a, SMALL)
+    dense = r.operator.to_dense(torch.float64)
+    expect = float(torch.linalg.norm(dense - torch.from_numpy(a)) / np.linalg.norm(a))
+    assert r.metrics.relative_error == pytest.approx(expect, rel=1e-9)
+
+
+def test_rectangular_and_matrix_free():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((10, 30))
+    at = torch.from_numpy(a)
+    r1 = fit(a, SMALL)
+    r2 = fit(lambda X: at.to(X.dtype) @ X, SMALL, shape=(10, 30))
+    assert r1.operator.width == 60 and r2.operator.width == 60
+    # same probes and seeds: the matrix-free fit follows the dense one (up to float32 rounding)
+    assert torch.allclose(r1.operator.blocks, r2.operator.blocks, atol=1e-3)
+    # without the dense matrix the error is estimated, with an interval that holds the exact value
+    assert r1.metrics.relative_error_method == "exact" and r2.metrics.relative_error_method == "estimated"
+    assert r2.metrics.relative_error_low <= r1.metrics.relative_error <= r2.metrics.relative_error_high
+
+
+def test_estimated_error_brackets_exact():
+    a = sparsefit.synth("lowrank", size=40, k=2, seed=0)
+    r = fit(a, SMALL)
+    exact = relative_error(r.operator, as_target(a))
+    est = relative_error(r.operator, as_target(a), max_dense=10, probes=2048)
+    assert exact.method == "exact" and est.method == "estimated"
+    assert est.low <= exact.value <= est.high
+    assert est.high - est.low < 0.5 * exact.value
+
+
+def test_svd_baseline_matches_numpy():
+    a = np.random.default_rng(3).standard_normal((20, 30))
+    b = svd_baseline(as_target(a), params=5 * 50)
+    s = np.linalg.svd(a, compute_uv=False)
+    assert b.rank == 5
+    assert b.relative_error == pytest.approx(np.sqrt((s[5:] ** 2).sum() / (s**2).sum()))
+    assert svd_baseline(as_target(a), params=10).relative_error == 1.0
+    assert svd_baseline(as_target(a), params=10_000).relative_error == 0.0
+
+
+def test_svd_baseline_sparse_partial():
+    import scipy.sparse as sp
+
+    s = sp.random(300, 300, density=0.01, random_state=0, format="csr")
+    t = as_target(s)
+    b = svd_baseline(t, params=3 * 600, max_dense=100)
+    sv = np.linalg.svd(s.toarray(), compute_uv=False)
+    assert b.method == "partial"
+    assert b.relative_error == pytest.approx(np.sqrt((sv[3:] ** 2).sum() / (sv**2).sum()), rel=1e-6)
+
+
+def test_same_seed_same_result_and_seed_matters():
+    a = sparsefit.synth("band", size=20, seed=0)
+    r1, r2 = fit(a, SMALL), fit(a, SMALL)
+    assert torch.equal(r1.operator.blocks, r2.operator.blocks)
+    r3 = fit(a, SMALL.replace(seed=1))
+    assert not torch.equal(r1.operator.blocks, r3.operator.blocks)
+
+
+def test_callbacks_receive_progress():
+    seen = []
+
+    class CB:
+        def on_start(self, info):
+            seen.append(("start", info["steps"]))
+
+        def on_step(self, s):
+            seen.append(("step", s.step))
+
+        def on_end(self, r):
+            seen.append(("end", r.metrics.steps_run))
+
+    fit(sparsefit.synth("perm", size=8), SMALL.replace(steps=60), [CB()])
+    assert seen[0] == ("start", 60) and seen[-1] == ("end", 60)
+    assert ("step", 25) in seen and ("step", 60) in seen
+
+
+def test_keyboard_interrupt_keeps_best_result():
+    class Interrupt:
+        def on_step(self, s):
+            if s.step == 200:
+                raise KeyboardInterrupt
+
+    a = sparsefit.synth("perm", size=12, seed=0)
+    r = fit(a, SMALL.replace(steps=1000), [Interrupt()])
+    assert r.interrupted and r.metrics.interrupted
+    assert r.metrics.steps_run < 1000
+    best = min(v for _, v in r.history)
+    assert r.metrics.mse_last == best
+    assert math.isfinite(r.metrics.relative_error)
+
+
+def test_should_stop():
+    r = fit(sparsefit.synth("perm", size=8), SMALL.replace(steps=500), should_stop=lambda: True)
+    assert r.interrupted and r.metrics.steps_run == 25
+
+
+def test_phases_and_schedule():
+    c = FitConfig(steps=1200)
+    starts = [s for s, _ in c.phase_steps()]
+    assert starts == [0, 700, 1000]
+    assert [p.reg for _, p in c.phase_steps()] == [3.0, 0.3, 0.3]
+    assert [p.lr for _, p in c.phase_steps()] == [1e-2, 1e-2, 1e-3]
+    custom = FitConfig(phases=(Phase(0.5, 1e-2, 0.0), Phase(0.5, 1e-3, 0.0)))
+    assert FitConfig.from_dict(custom.to_dict()) == custom
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"depth": 0}, "depth"),
+        ({"width": 7}, "even"),
+        ({"steps": 0}, "steps"),
+        ({"batch": 0}, "batch"),
+        ({"lr": -1.0}, "learning rate"),
+        ({"schedule": "nope"}, "schedule"),
+        ({"device": "tpu"}, "device"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"sampler": "nope"}, "sampler"),
+        ({"phases": (Phase(0.5, 1e-2, 1.0),)}, "sum to 1"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_config_validation(kw, msg):
+    with pytest.raises(SparsefitError, match=msg):
+        FitConfig(**kw)
+
+
+def test_width_too_small_for_target():
+    with pytest.raises(SparsefitError, match="smaller than the matrix"):
+        fit(np.eye(10), SMALL.replace(width=8))
+
+
+def test_divergence_is_reported():
+    with pytest.raises(SparsefitError, match="diverged"):
+        fit(np.full((8, 8), 1e30), SMALL.replace(steps=50, lr=10.0))
+
+
+def test_float64_fit():
+    r = fit(sparsefit.synth("perm", size=8), SMALL.replace(dtype="float64", steps=100))
+    assert r.operator.blocks.dtype == torch.float64
+
+
+def test_torch_backend_used_when_asked():
+    a = sparsefit.synth("perm", size=8)
+    infos = []
+
+    class CB:
+        def on_start(self, info):
+            infos.append(info)
+
+    fit(a, SMALL.replace(steps=30, backend="torch"), [CB()])
+    assert infos[0]["backend"] == "torch"
