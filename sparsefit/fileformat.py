@@ -142,7 +142,9 @@ def operator_from_tensors(
         raise SparsefitError(f"{where}: unsupported layer_order {header.get('layer_order')!r}")
     for name in ("blocks", "permutations"):
         if f"{prefix}{name}" not in tensors:
-            raise SparsefitError(f"{where}: tensor {prefix}{name!r} is missing; the file is not a complete sparsefit file")
+            raise SparsefitError(
+                f"{where}: tensor {prefix}{name!r} is missing; the file is not a complete sparsefit file"
+            )
     blocks = tensors[f"{prefix}blocks"]
     perms = tensors[f"{prefix}permutations"]
     if blocks.dtype not in _FLOAT_DTYPES:
@@ -161,7 +163,9 @@ def operator_from_tensors(
         raise SparsefitError(f"{where}: blocks contain NaN or Inf; the file is corrupt")
     bias = tensors.get(f"{prefix}bias")
     if bias is not None and (tuple(bias.shape) != (m,) or bias.dtype not in _FLOAT_DTYPES):
-        raise SparsefitError(f"{where}: bias has shape {tuple(bias.shape)} and dtype {bias.dtype}, expected ({m},) float")
+        raise SparsefitError(
+            f"{where}: bias has shape {tuple(bias.shape)} and dtype {bias.dtype}, expected ({m},) float"
+        )
     op = GTilde(
         k,
         m,
@@ -234,7 +238,9 @@ def load(
 
 def _parse_header(meta: dict[str, str], where: str) -> dict[str, Any]:
     if "sparsefit" not in meta:
-        raise SparsefitError(f"{where}: not a sparsefit file (no 'sparsefit' metadata); was it written by sparsefit fit?")
+        raise SparsefitError(
+            f"{where}: not a sparsefit file (no 'sparsefit' metadata); was it written by sparsefit fit?"
+        )
     try:
         header = json.loads(meta["sparsefit"])
     except json.JSONDecodeError:

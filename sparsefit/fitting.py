@@ -189,8 +189,15 @@ def fit(
     opt = torch.optim.Adam([op.blocks], lr=phases[0][1].lr)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1)
 
-    info = {"steps": config.steps, "depth": depth, "width": width, "shape": (m, k), "device": str(device),
-            "backend": backend, "params": op.num_parameters}
+    info = {
+        "steps": config.steps,
+        "depth": depth,
+        "width": width,
+        "shape": (m, k),
+        "device": str(device),
+        "backend": backend,
+        "params": op.num_parameters,
+    }
     _emit(callbacks, "on_start", info)
 
     t0 = time.perf_counter()
@@ -238,8 +245,11 @@ def fit(
                     raise SparsefitError(
                         f"the fit diverged (loss {r}) at step {done}; lower the learning rate or check the matrix scale"
                     )
-                _emit(callbacks, "on_step", StepInfo(done, config.steps, r, phase.reg, phase.lr, phase_idx,
-                                                      time.perf_counter() - t0))
+                _emit(
+                    callbacks,
+                    "on_step",
+                    StepInfo(done, config.steps, r, phase.reg, phase.lr, phase_idx, time.perf_counter() - t0),
+                )
                 report.zero_()
                 report_n = 0
                 if should_stop is not None and should_stop():
@@ -261,8 +271,15 @@ def fit(
         with torch.no_grad():
             op.blocks.copy_(best_blocks)
     op.blocks.grad = None
-    metrics = evaluate(op, tgt, seed=config.seed, mse_last=last_window_mse if not interrupted else best_mse,
-                       steps_run=steps_run, seconds=fit_seconds, interrupted=interrupted)
+    metrics = evaluate(
+        op,
+        tgt,
+        seed=config.seed,
+        mse_last=last_window_mse if not interrupted else best_mse,
+        steps_run=steps_run,
+        seconds=fit_seconds,
+        interrupted=interrupted,
+    )
     result = FitResult(op, metrics, config, history)
     _emit(callbacks, "on_end", result)
     return result

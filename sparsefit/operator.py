@@ -125,9 +125,7 @@ def gtilde_transpose_reference(
 # ----------------------------------------------------------------------------------------------
 # Fast PyTorch implementation: feature-major activations, hand-written backward
 # ----------------------------------------------------------------------------------------------
-def _forward_fm(
-    xt: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, save: torch.Tensor | None
-) -> torch.Tensor:
+def _forward_fm(xt: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, save: torch.Tensor | None) -> torch.Tensor:
     """Apply all layers to feature-major ``xt: (n, batch)``; optionally keep each layer's gathered input."""
     depth, h = blocks.shape[0], blocks.shape[1]
     n, batch = xt.shape

@@ -27,9 +27,7 @@ def _uniform(depth: int, width: int, generator: torch.Generator) -> torch.Tensor
 SAMPLERS: dict[str, Sampler] = {"uniform": _uniform}
 
 
-def sample_permutations(
-    depth: int, width: int, generator: torch.Generator, sampler: str = "uniform"
-) -> torch.Tensor:
+def sample_permutations(depth: int, width: int, generator: torch.Generator, sampler: str = "uniform") -> torch.Tensor:
     """Draw ``depth`` permutations of ``range(width)`` with the named sampler.
 
     Returns an int64 tensor of shape ``(depth, width)`` on the CPU. The draw depends only on

@@ -169,7 +169,9 @@ class OperatorTarget(Target):
 
     kind = "operator"
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor] | Any, shape: tuple[int, int], name: str = "operator"):
+    def __init__(
+        self, fn: Callable[[torch.Tensor], torch.Tensor] | Any, shape: tuple[int, int], name: str = "operator"
+    ):
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
             raise SparsefitError(f"operator shape must be (out_features, in_features) >= 1, got {shape}")
         super().__init__(shape, name)
@@ -239,7 +241,9 @@ def as_target(obj: Any, shape: tuple[int, int] | None = None, name: str = "matri
         return OperatorTarget(obj, tuple(obj.shape), name)
     if callable(obj):
         if shape is None:
-            raise SparsefitError("a matrix-free target needs its shape: as_target(fn, shape=(out_features, in_features))")
+            raise SparsefitError(
+                "a matrix-free target needs its shape: as_target(fn, shape=(out_features, in_features))"
+            )
         return OperatorTarget(obj, shape, name)
     raise SparsefitError(f"cannot use an object of type {type(obj).__name__} as a target matrix")
 
@@ -261,14 +265,7 @@ def load_target(path: str | os.PathLike[str], key: str | None = None) -> Target:
     suffix = p.suffix.lower()
     name = str(p)
     if suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError as e:
-            if "pickle" in str(e).lower() or "object" in str(e).lower():
-                raise SparsefitError(f"{p}: array holds Python objects; save a numeric array") from None
-            raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)})") from None
-        except (OSError, EOFError) as e:
-            raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)}); is it truncated?") from None
+        arr = read_npy(p)
         _reject_key(key, p)
         return DenseTarget(check_matrix(arr, name), name)
     if suffix == ".npz":
@@ -280,6 +277,25 @@ def load_target(path: str | os.PathLike[str], key: str | None = None) -> Target:
     if suffix == ".mtx":
         return _load_mtx(p, key)
     raise SparsefitError(f"{p}: unknown file type {suffix or '(none)'}; supported: {', '.join(SUFFIXES)}")
+
+
+def read_npy(p: Path) -> np.ndarray:
+    """``numpy.load`` without pickles, with one-line errors for foreign, truncated or object files."""
+    if not p.exists():
+        raise SparsefitError(f"{p}: no such file")
+    if p.is_dir():
+        raise SparsefitError(f"{p} is a directory; give a .npy file")
+    with open(p, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise SparsefitError(f"{p}: not a readable .npy file (no NumPy header); was it saved with numpy.save?")
+    try:
+        return np.load(p, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise SparsefitError(f"{p}: array holds Python objects; save a numeric array") from None
+        raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)}); is it truncated?") from None
+    except (OSError, EOFError) as e:
+        raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)}); is it truncated?") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -135,6 +135,7 @@ def _bad_arrays(tmp_path):
     np.save(tmp_path / "good.npy", np.eye(6))
     full = (tmp_path / "good.npy").read_bytes()
     (tmp_path / "truncated.npy").write_bytes(full[: len(full) // 2])
+    (tmp_path / "garbage.npy").write_bytes(b"this is not an array file")
     np.savez(tmp_path / "multi.npz", a=np.eye(3), b=np.eye(3))
     (tmp_path / "readonly").mkdir()
 
@@ -142,6 +143,7 @@ def _bad_arrays(tmp_path):
 BAD = [
     (["fit", "missing.npy"], "no such file"),
     (["fit", "truncated.npy"], "truncated"),
+    (["fit", "garbage.npy"], "not a readable .npy"),
     (["fit", "1d.npy"], "2-D"),
     (["fit", "3d.npy"], "3-D"),
     (["fit", "empty.npy"], "empty"),

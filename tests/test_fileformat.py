@@ -75,8 +75,18 @@ def _good(tmp_path):
         (lambda t, h: h.__setitem__("format", "other"), "not a G~ file"),
         (lambda t, h: t.__setitem__("permutations", t["permutations"].float()), "dtype"),
     ],
-    ids=["duplicate-index", "index-out-of-range", "depth-mismatch", "odd-width", "missing-tensor",
-         "future-version", "nan-blocks", "bad-header-field", "other-format", "float-permutations"],
+    ids=[
+        "duplicate-index",
+        "index-out-of-range",
+        "depth-mismatch",
+        "odd-width",
+        "missing-tensor",
+        "future-version",
+        "nan-blocks",
+        "bad-header-field",
+        "other-format",
+        "float-permutations",
+    ],
 )
 def test_corrupt_files_are_refused(tmp_path, mutate, msg):
     tensors, header = _good(tmp_path)

@@ -12,20 +12,13 @@ import typer
 from ..errors import SparsefitError
 from ..fileformat import atomic_output, check_output_path
 from ..nn import SparseLinear
-from ..targets import check_matrix
+from ..targets import check_matrix, read_npy
 from .app import app, err_console, user_errors
 
 
 def read_vectors(path: Path, in_features: int) -> torch.Tensor:
-    if not path.exists():
-        raise SparsefitError(f"{path}: no such file")
-    if path.is_dir():
-        raise SparsefitError(f"{path} is a directory; give a .npy file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SparsefitError(f"{path}: not a readable .npy file ({first})") from None
+    """Rows of a .npy file (or one vector) as a checked ``(batch, in_features)`` tensor."""
+    arr = read_npy(path)
     if isinstance(arr, np.ndarray) and arr.ndim == 1:
         arr = arr[None, :]
     x = check_matrix(arr, str(path))
@@ -38,7 +31,9 @@ def read_vectors(path: Path, in_features: int) -> torch.Tensor:
 @user_errors
 def apply_command(
     file: Annotated[Path, typer.Argument(help="A sparsefit .safetensors file.")],
-    vectors: Annotated[Path, typer.Argument(help=".npy of shape (batch, in_features) (or one vector); each row is a vector x.")],
+    vectors: Annotated[
+        Path, typer.Argument(help=".npy of shape (batch, in_features) (or one vector); each row is a vector x.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write G~x for each row (.npy).")],
     backend: Annotated[str, typer.Option(help="auto, torch, reference or cuda.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",

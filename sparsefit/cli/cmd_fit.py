@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -56,21 +56,37 @@ def fit_json(r: FitResult, output: Path | None, source: str) -> dict[str, Any]:
 @app.command("fit")
 @user_errors
 def fit_command(
-    matrix: Annotated[Path, typer.Argument(help="Matrix file: .npy, .npz (dense or scipy.sparse), .safetensors, .pt/.pth/.bin state dict, .mtx.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to export the fit (safetensors). Default: MATRIX stem + .gtilde.safetensors.")] = None,
-    key: Annotated[Optional[str], typer.Option(help="Tensor name inside a file that holds several.")] = None,
-    depth: Annotated[Optional[int], typer.Option(help="Layers N. Default 2·ceil(log2 width).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Internal width n (even, ≥ max(out, in)). Default 2·max(out, in).")] = None,
+    matrix: Annotated[
+        Path,
+        typer.Argument(
+            help="Matrix file: .npy, .npz (dense or scipy.sparse), .safetensors, .pt/.pth/.bin state dict, .mtx."
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Where to export the fit (safetensors). Default: MATRIX stem + .gtilde.safetensors."
+        ),
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="Tensor name inside a file that holds several.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Layers N. Default 2·ceil(log2 width).")] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Internal width n (even, ≥ max(out, in)). Default 2·max(out, in).")
+    ] = None,
     steps: Annotated[int, typer.Option(help="Adam steps.")] = 12000,
     batch: Annotated[int, typer.Option(help="Gaussian probes per step.")] = 1024,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-2,
-    schedule: Annotated[str, typer.Option(help="Learning-rate/regulariser schedule (paper = the note's three phases).")] = "paper",
+    schedule: Annotated[
+        str, typer.Option(help="Learning-rate/regulariser schedule (paper = the note's three phases).")
+    ] = "paper",
     seed: Annotated[int, typer.Option(help="Seeds permutations, initialisation and probes.")] = 0,
     permutations: Annotated[str, typer.Option("--permutations", help="Permutation sampler.")] = "uniform",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     backend: Annotated[str, typer.Option(help="Fit step: auto, torch, reference, numba.")] = "auto",
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON to FILE, or - for stdout.")] = None,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the report as JSON to FILE, or - for stdout.")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
 ) -> None:
     """Fit G~ to a matrix, report the error and savings, and export it.
@@ -78,8 +94,17 @@ def fit_command(
     Example: [bold]sparsefit fit P.npy --depth 24 --steps 3000 -o P.safetensors --json r.json[/]
     """
     config = FitConfig(
-        depth=depth, width=width, steps=steps, batch=batch, lr=lr, schedule=schedule, seed=seed,
-        sampler=permutations, device=device, dtype=dtype, backend=backend,
+        depth=depth,
+        width=width,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        schedule=schedule,
+        seed=seed,
+        sampler=permutations,
+        device=device,
+        dtype=dtype,
+        backend=backend,
     )
     out = check_output_path(output or default_output(matrix))
     check_json_target(json_out)

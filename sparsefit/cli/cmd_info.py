@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -17,7 +17,9 @@ from .report import emit_json, fmt, key_value_table
 @user_errors
 def info_command(
     file: Annotated[Path, typer.Argument(help="A sparsefit .safetensors file.")],
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the summary as JSON to FILE, or - for stdout.")] = None,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the summary as JSON to FILE, or - for stdout.")
+    ] = None,
 ) -> None:
     """Summarise an exported G~ file (validates it fully)."""
     op, bias, header = load(file)
@@ -54,9 +56,13 @@ def info_command(
         ("bias", "yes" if bias is not None else "no"),
     ]
     if metrics:
-        rows.append(("relative error", f"{fmt(metrics.get('relative_error'))} ({metrics.get('relative_error_method')})"))
+        rows.append(
+            ("relative error", f"{fmt(metrics.get('relative_error'))} ({metrics.get('relative_error_method')})")
+        )
         if metrics.get("svd_relative_error") is not None:
-            rows.append(("truncated SVD, same budget", f"{fmt(metrics['svd_relative_error'])} (rank {metrics.get('svd_rank')})"))
+            rows.append(
+                ("truncated SVD, same budget", f"{fmt(metrics['svd_relative_error'])} (rank {metrics.get('svd_rank')})")
+            )
     if summary["interrupted"]:
         rows.append(("status", "[yellow]interrupted fit[/]"))
     out_console.print(key_value_table("sparsefit info", rows))

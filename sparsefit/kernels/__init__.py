@@ -52,7 +52,9 @@ def dispatch(
     try:
         b = Backend(backend)
     except ValueError:
-        raise SparsefitError(f"unknown backend {backend!r}; choose one of: {', '.join(m.value for m in Backend)}") from None
+        raise SparsefitError(
+            f"unknown backend {backend!r}; choose one of: {', '.join(m.value for m in Backend)}"
+        ) from None
     if b is Backend.AUTO:
         b = Backend.CUDA if fused_gpu_available(x) else Backend.TORCH
     if b is Backend.REFERENCE:
