@@ -158,3 +158,11 @@ def test_float64_precision_of_deep_operator():
     # orthogonal blocks: norms preserved on the padded space
     y_full = gtilde_reference(x, g.blocks.detach(), g.perms, 128)
     assert math.isclose(float(y_full.norm()), float(x.norm()), rel_tol=1e-12)
+
+
+def test_orthogonality_penalty_grad_matches_autograd():
+    from sparsefit.operator import orthogonality_penalty_grad
+
+    b = torch.randn(3, 5, 2, 2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(orthogonality_penalty(b), b)
+    assert rel_err(orthogonality_penalty_grad(b.detach()), g) < 1e-13
