@@ -45,4 +45,24 @@ __all__ = [
     "read_header",
     "save",
     "synth",
+    # checkpoint compression, imported on first use (see __getattr__)
+    "CompressConfig",
+    "compress_checkpoint",
+    "load_compressed",
+    "record_activations",
 ]
+
+_LAZY = {
+    "CompressConfig": "compress",
+    "compress_checkpoint": "compress",
+    "load_compressed": "compress",
+    "record_activations": "calibration",
+}
+
+
+def __getattr__(name: str):  # PEP 562: keep ``import sparsefit`` lean
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

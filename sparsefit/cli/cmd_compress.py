@@ -1,0 +1,244 @@
+"""``sparsefit compress``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..compress import (
+    CompressConfig,
+    CompressReport,
+    Interrupted,
+    LayerPlan,
+    LayerRecord,
+    compress_checkpoint,
+    dist_info,
+    init_distributed_from_env,
+    plan_checkpoint,
+    verify_compressed,
+)
+from ..config import FitConfig
+from ..errors import SparsefitError
+from .app import app, err_console, user_errors
+from .report import FitProgress, check_json_target, emit_json, fmt
+
+
+class LayerProgress(FitProgress):
+    """Fit progress bar plus one line per finished layer (stderr; silent when quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__("layer", quiet=quiet)
+        self.done = 0
+        self.total = 0
+
+    def on_plan(self, plans: list[LayerPlan]) -> None:
+        self.total = len(plans)
+
+    def on_layer_start(self, plan: LayerPlan) -> None:
+        self.description = f"{plan.module} ({plan.entry.shape[0]}×{plan.entry.shape[1]})"
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(
+                f"{self.description} depth {info['depth']}", total=info["steps"], mse="—", rate="—"
+            )
+
+    def on_layer_end(self, plan: LayerPlan, rec: LayerRecord, resumed: bool) -> None:
+        self.done += 1
+        if self.progress is None:
+            return
+        err = fmt(rec.data_relative_error if rec.data_relative_error is not None else rec.relative_error)
+        how = "resumed" if resumed else f"{rec.seconds:.1f} s"
+        tail = f"depth {rec.depth}, error {err}" if rec.status == "compressed" else f"dense: {rec.reason}"
+        self.progress.console.print(
+            f"[{self.done}/{self.total}] {plan.name}: {tail} ({how})", highlight=False, soft_wrap=True
+        )
+
+
+def plan_table(plans: list[LayerPlan], config: CompressConfig) -> Table:
+    table = Table(title="would compress", title_justify="left")
+    table.add_column("tensor", overflow="fold")
+    for col in ("shape", "dtype", "MB", "width", "max depth", "max params"):
+        table.add_column(col, justify="left" if col == "dtype" else "right", no_wrap=True)
+    for p in plans:
+        table.add_row(
+            p.name,
+            f"{p.entry.shape[0]}×{p.entry.shape[1]}",
+            p.entry.dtype,
+            f"{p.entry.nbytes / 1e6:.2f}",
+            fmt(p.width),
+            fmt(p.max_depth),
+            fmt(2 * p.width * p.max_depth),
+        )
+    return table
+
+
+def result_table(report: CompressReport) -> Table:
+    table = Table(title="sparsefit compress", title_justify="left")
+    table.add_column("layer", overflow="fold")
+    for col in ("shape", "status", "depth", "params", "ratio", "rel. error", "SVD same budget", "s"):
+        table.add_column(col, justify="left" if col == "status" else "right")
+    for r in report.layers:
+        data = f" (data {fmt(r.data_relative_error, 3)})" if r.data_relative_error is not None else ""
+        table.add_row(
+            r.name,
+            f"{r.shape[0]}×{r.shape[1]}",
+            r.status,
+            fmt(r.depth) if r.status == "compressed" else "—",
+            f"{fmt(r.params_after)} / {fmt(r.params_before)}",
+            f"{r.params_after / r.params_before:.3f}",
+            (fmt(r.relative_error, 3) + data) if r.relative_error is not None else "—",
+            fmt(r.svd_relative_error, 3),
+            f"{r.seconds:.1f}",
+        )
+    t = report.totals()
+    table.add_section()
+    table.add_row(
+        "total (selected)",
+        "",
+        f"{t['compressed_layers']}/{t['selected_layers']} compressed",
+        "",
+        f"{fmt(t['selected_params_after'])} / {fmt(t['selected_params_before'])}",
+        f"{t['selected_params_after'] / max(1, t['selected_params_before']):.3f}",
+        "",
+        "",
+        f"{report.seconds:.1f}",
+    )
+    return table
+
+
+@app.command("compress")
+@user_errors
+def compress_command(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Model folder (config.json + model.safetensors[.index.json]), .safetensors, or .pt/.pth/.bin."
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (created; an unfinished one is resumed).")
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Regex (full match) of tensor names to compress; repeatable.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Regex (full match) of tensor names to leave; repeatable.")
+    ] = None,
+    depth: Annotated[int | None, typer.Option(help="Fixed depth for every layer.")] = None,
+    target_error: Annotated[
+        float | None, typer.Option(help="Per layer, the smallest depth reaching this relative error.")
+    ] = None,
+    max_params_ratio: Annotated[
+        float, typer.Option(help="Cap: G~ parameters at most this fraction of the dense layer's.")
+    ] = 0.5,
+    width: Annotated[str, typer.Option(help="tight (max(out,in), even), double (2·max) or an even number.")] = "tight",
+    min_depth: Annotated[
+        int | None, typer.Option(help="First depth tried with --target-error (default ceil(log2 width)).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Adam steps per fit.")] = 3000,
+    batch: Annotated[int, typer.Option(help="Probes per step.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seeds permutations, initialisation and probes.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    calibration: Annotated[
+        Path | None, typer.Option(help="safetensors of recorded layer inputs: fit over real activations.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be compressed; write nothing.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Reload the output and check it against the source.")
+    ] = False,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the report as JSON to FILE, or - for stdout.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
+) -> None:
+    """Compress the linear layers of a model checkpoint into structured-sparse G~ layers.
+
+    Example: [bold]sparsefit compress bert/ -o bert-sparse/ --target-error 0.3 --steps 2000 --json r.json[/]
+    Parallel: [bold]torchrun --nproc-per-node 2 -m sparsefit compress bert/ -o out/ --depth 16[/]
+    """
+    config = CompressConfig(
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        depth=depth,
+        target_error=target_error,
+        max_params_ratio=max_params_ratio,
+        width=width,
+        min_depth=min_depth,
+        fit=FitConfig(steps=steps, batch=batch, seed=seed, device=device),
+        calibration=str(calibration) if calibration is not None else None,
+    )
+    check_json_target(json_out)
+    if dry_run:
+        ckpt, plans = plan_checkpoint(source, config)
+        if not quiet and json_out != "-":
+            err_console.print(plan_table(plans, config))
+            total = sum(p.entry.numel for p in plans)
+            err_console.print(f"{len(plans)} tensors, {fmt(total)} parameters selected", highlight=False)
+        emit_json(
+            json_out,
+            {
+                "source": str(source),
+                "dry_run": True,
+                "layers": [
+                    {
+                        "name": p.name,
+                        "shape": list(p.entry.shape),
+                        "dtype": p.entry.dtype,
+                        "bytes": p.entry.nbytes,
+                        "width": p.width,
+                        "max_depth": p.max_depth,
+                    }
+                    for p in plans
+                ],
+            },
+        )
+        return
+    if output is None:
+        raise SparsefitError("give the output folder with -o/--output (or use --dry-run)")
+    started = init_distributed_from_env()
+    rank, _ = dist_info()
+    quiet = quiet or rank != 0
+    try:
+        with LayerProgress(quiet=quiet or json_out == "-") as progress:
+            try:
+                report = compress_checkpoint(source, output, config, [progress])
+            except Interrupted:
+                if progress.progress is not None:
+                    progress.progress.stop()
+                err_console.print(
+                    f"[yellow]interrupted:[/] finished layers are in {output}; rerun the same command to resume"
+                )
+                raise typer.Exit(130) from None
+        checks = verify_compressed(output, source, seed=seed) if verify and rank == 0 else None
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return
+    if not quiet and json_out != "-":
+        err_console.print(result_table(report))
+        if checks is not None:
+            worst = max((c["relative_error"] for c in checks["layers"]), default=0.0)
+            err_console.print(
+                f"verify: {len(checks['layers'])} layers reload exactly as recorded (worst error {fmt(worst)})"
+            )
+            model = checks.get("model")
+            if model and "skipped" not in model:
+                err_console.print(
+                    f"verify: {model['architecture']} with {model['replaced']} swapped layers: hidden-state relative error "
+                    f"{fmt(model['hidden_relative_error'])}, cosine {fmt(model['hidden_cosine'])}",
+                    highlight=False,
+                )
+        err_console.print(f"wrote {output}", highlight=False)
+    payload = report.to_dict()
+    if checks is not None:
+        payload["verify"] = checks
+    emit_json(json_out, payload)
