@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .autosize import fit_auto
 from .config import FitConfig, Phase
 from .errors import SparsefitError
 from .fileformat import load, read_header, save
@@ -40,6 +41,7 @@ __all__ = [
     "as_target",
     "evaluate",
     "fit",
+    "fit_auto",
     "load",
     "load_target",
     "read_header",

@@ -35,7 +35,66 @@ def paper_schedule(lr: float = 1e-2) -> tuple[Phase, ...]:
     return (Phase(7 / 12, lr, 3.0), Phase(3 / 12, lr, 0.3), Phase(2 / 12, lr / 10, 0.3))
 
 
-SCHEDULES = {"paper": paper_schedule}
+def _geometric(start: float, stop: float, count: int) -> list[float]:
+    """``count`` values from ``start`` to ``stop``, evenly spaced on a log scale."""
+    if count == 1:
+        return [start]
+    return [start * (stop / start) ** (i / (count - 1)) for i in range(count)]
+
+
+def _cosine(start: float, stop: float, count: int) -> list[float]:
+    """``count`` piecewise-constant samples (phase midpoints) of a cosine decay from ``start`` to ``stop``."""
+    return [stop + 0.5 * (start - stop) * (1 + math.cos(math.pi * (i + 0.5) / count)) for i in range(count)]
+
+
+def anneal_schedule(lr: float = 1e-2, pieces: int = 12) -> tuple[Phase, ...]:
+    """Regulariser annealed geometrically from 3 to 0.03 over the first 10/12 of the steps (in
+    ``pieces − 2`` equal phases) at ``lr``, then 2/12 at ``lr/10`` with reg 0.03. No sudden
+    release of the orthogonality constraint, so no stall after it."""
+    regs = _geometric(3.0, 0.03, pieces - 2)
+    body = [Phase(10 / 12 / (pieces - 2), lr, r) for r in regs]
+    return (*body, Phase(2 / 12, lr / 10, 0.03))
+
+
+def cosine_schedule(lr: float = 1e-2, pieces: int = 12) -> tuple[Phase, ...]:
+    """The note's regulariser phases (3 for 7/12, then 0.3) with a cosine learning-rate decay from
+    ``lr`` to ``lr/100`` (``pieces`` equal piecewise-constant phases)."""
+    lrs = _cosine(lr, lr / 100, pieces)
+    return tuple(Phase(1 / pieces, lr_i, 3.0 if (i + 0.5) / pieces < 7 / 12 else 0.3) for i, lr_i in enumerate(lrs))
+
+
+def anneal_cosine_schedule(lr: float = 1e-2, pieces: int = 12) -> tuple[Phase, ...]:
+    """Both: regulariser annealed geometrically from 3 to 0.03 and learning rate cosine-decayed from
+    ``lr`` to ``lr/100`` (``pieces`` equal phases)."""
+    regs = _geometric(3.0, 0.03, pieces)
+    lrs = _cosine(lr, lr / 100, pieces)
+    return tuple(Phase(1 / pieces, lr_i, r) for lr_i, r in zip(lrs, regs, strict=True))
+
+
+def low_reg_schedule(lr: float = 1e-2) -> tuple[Phase, ...]:
+    """The note's phase lengths with a ten times weaker regulariser (0.3, then 0.03)."""
+    return (Phase(7 / 12, lr, 0.3), Phase(3 / 12, lr, 0.03), Phase(2 / 12, lr / 10, 0.03))
+
+
+#: Schedule name -> function ``(lr) -> phases``. ``paper`` is the note's protocol (the default);
+#: the others were compared against it in ``docs/quality.md``.
+SCHEDULES = {
+    "paper": paper_schedule,
+    "anneal": anneal_schedule,
+    "cosine": cosine_schedule,
+    "anneal-cosine": anneal_cosine_schedule,
+    "low-reg": low_reg_schedule,
+}
+
+#: How the blocks start: ``random`` orthogonal (the note's), or ``butterfly`` (the closed-form
+#: hierarchical factorisation of :mod:`sparsefit.butterfly`; needs the butterfly sampler, a
+#: power-of-two width and the dense target).
+INITS = ("random", "butterfly")
+
+#: The training loss: ``probes`` (the note's: fresh N(0, I) probes each step) or ``exact``
+#: (the whole ``||G~ − A||²_F / out`` each step, through the scaled identity as probes; a batch of
+#: ``in_features`` columns, exact gradients, no probe noise — for targets with few columns).
+LOSSES = ("probes", "exact")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -51,7 +110,9 @@ class FitConfig:
     reg 0.3 for 3/12, lr 1e-3 for the last 2/12), width ``2·max(out, in)``.
 
     ``depth=None`` means ``2·ceil(log2 width)``; ``width=None`` means ``2·max(out, in)``.
-    ``phases`` overrides ``schedule`` and ``lr`` when given.
+    ``phases`` overrides ``schedule`` and ``lr`` when given. ``init`` (``random`` or
+    ``butterfly``, see :data:`INITS`) picks the starting blocks and ``loss`` (``probes`` or
+    ``exact``, see :data:`LOSSES`) the training loss; ``steps=0`` keeps a closed-form init as it is.
     """
 
     depth: int | None = None
@@ -67,6 +128,8 @@ class FitConfig:
     sampler: str = "uniform"
     backend: str = "auto"
     eval_every: int = 100
+    init: str = "random"
+    loss: str = "probes"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -74,8 +137,16 @@ class FitConfig:
             raise SparsefitError(f"depth must be at least 1, got {self.depth}")
         if self.width is not None and (self.width < 2 or self.width % 2):
             raise SparsefitError(f"width must be an even number >= 2, got {self.width}")
-        if self.steps < 1:
-            raise SparsefitError(f"steps must be at least 1, got {self.steps}")
+        if self.init not in INITS:
+            raise SparsefitError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
+        if self.init == "butterfly" and self.sampler != "butterfly":
+            raise SparsefitError("the butterfly init needs butterfly permutations; add --permutations butterfly")
+        if self.loss not in LOSSES:
+            raise SparsefitError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.steps < 0 or (self.steps == 0 and self.init == "random"):
+            raise SparsefitError(
+                f"steps must be at least 1 (0 only with a closed-form init, to keep it as is), got {self.steps}"
+            )
         if self.batch < 1:
             raise SparsefitError(f"batch must be at least 1, got {self.batch}")
         if not (self.lr > 0) or not math.isfinite(self.lr):

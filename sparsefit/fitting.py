@@ -18,8 +18,11 @@ import torch
 from .config import FitConfig, resolve_depth
 from .errors import SparsefitError
 from .metrics import ErrorEstimate, SvdBaseline, relative_error, svd_baseline
-from .operator import GTilde, default_width, gtilde_flops_per_matvec
+from .operator import GTilde, default_width, gtilde_flops_per_matvec, orthogonality_penalty_grad
 from .targets import Target, as_target
+
+#: ``loss="exact"`` probes with all ``in_features`` unit vectors each step; beyond this many it refuses.
+EXACT_LOSS_MAX_COLUMNS = 16384
 
 #: Steps between progress reports (each report synchronises with the device once).
 REPORT_EVERY = 25
@@ -144,6 +147,7 @@ def fit(
     shape: tuple[int, int] | None = None,
     init: GTilde | None = None,
     should_stop: Callable[[], bool] | None = None,
+    probes: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> FitResult:
     """Fit G~ to ``target`` and report how good the fit is.
 
@@ -155,6 +159,8 @@ def fit(
     ``on_end(FitResult)``.
     init: an operator to start from (same shape/width; e.g. a shallower fit extended).
     should_stop: polled at each report; returning True stops like Ctrl-C.
+    probes: ``probes(batch, generator) -> (batch, in)`` replaces the Gaussian probes (e.g. rows of
+    recorded activations, for a fit of ``E||(G~ − A)x||²`` over real inputs); default N(0, I).
 
     Example
     -------
@@ -172,14 +178,32 @@ def fit(
     width = config.width if config.width is not None else default_width(m, k)
     depth = resolve_depth(config.depth, width)
 
+    if config.loss == "exact":
+        if probes is not None:
+            raise SparsefitError("the exact loss probes with the identity; it cannot be combined with custom probes")
+        if k > EXACT_LOSS_MAX_COLUMNS:
+            raise SparsefitError(
+                f"the exact loss needs all {k} columns every step (more than {EXACT_LOSS_MAX_COLUMNS}); "
+                "use --loss probes"
+            )
+    if init is None and config.init == "butterfly":
+        from .butterfly import butterfly_init
+
+        init = butterfly_init(tgt, depth, width, seed=config.seed, dtype=dtype)
     if init is not None:
         if (init.out_features, init.in_features, init.width) != (m, k, width):
             raise SparsefitError("init operator does not match the target's shape and width")
         op = init.to(device=device, dtype=dtype)
         depth = op.depth
+        start_blocks = op.blocks.detach().clone()  # kept if the steps end worse than the start
     else:
+        start_blocks = None
         op = GTilde(k, m, depth, width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
     tgt.prepare(device, dtype)
+    exact = None
+    if config.loss == "exact":  # x = √k·I: E[x xᵀ] = I as for N(0, I) probes, so the same loss scale
+        eye = torch.eye(k, device=device, dtype=dtype) * math.sqrt(k)
+        exact = (eye, tgt.matmat(eye))
     backend = _step_backend(config, device)
     fused_cpu = None
     if backend == "numba":
@@ -218,13 +242,19 @@ def fit(
                 phase = phases[phase_idx][1]
                 for group in opt.param_groups:
                     group["lr"] = phase.lr
-            x = torch.randn(config.batch, k, generator=gen, device=device, dtype=dtype)
-            t = tgt.matmat(x)
+            if exact is not None:
+                x, t = exact
+            else:
+                if probes is not None:
+                    x = probes(config.batch, gen).to(device=device, dtype=dtype)
+                else:
+                    x = torch.randn(config.batch, k, generator=gen, device=device, dtype=dtype)
+                t = tgt.matmat(x)
             if fused_cpu is not None:
                 mse, grad = fused_cpu(x, t, op.blocks.detach(), op.perms, m)
-                op.blocks.grad = grad
                 if phase.reg > 0:
-                    (phase.reg * op.orthogonality_penalty()).backward()
+                    grad += phase.reg * orthogonality_penalty_grad(op.blocks.detach())
+                op.blocks.grad = grad
             else:
                 y = op(x, backend=backend)
                 mse = ((y - t) ** 2).sum(1).mean() / m
@@ -271,6 +301,14 @@ def fit(
         with torch.no_grad():
             op.blocks.copy_(best_blocks)
     op.blocks.grad = None
+    if start_blocks is not None and steps_run > 0:
+        trained = op.blocks.detach().clone()
+        err_trained = relative_error(op, tgt, seed=config.seed).value
+        with torch.no_grad():
+            op.blocks.copy_(start_blocks)
+        if not relative_error(op, tgt, seed=config.seed).value < err_trained:
+            with torch.no_grad():
+                op.blocks.copy_(trained)
     metrics = evaluate(
         op,
         tgt,

@@ -22,9 +22,51 @@ def _uniform(depth: int, width: int, generator: torch.Generator) -> torch.Tensor
     return torch.stack([torch.randperm(width, generator=generator) for _ in range(depth)])
 
 
+def riffle_permutation(width: int) -> torch.Tensor:
+    """The perfect-shuffle gather ``perm[2b] = b, perm[2b + 1] = b + width/2`` (``width`` even).
+
+    Block ``b`` of the following 2×2 layer then mixes entries ``b`` and ``b + width/2`` of the
+    layer's input. For ``width = 2^L`` this is the rotation of the index bits by one place
+    (``perm[i] = rotr(i)``), whose ``L``-th power is the identity.
+    """
+    if width < 2 or width % 2:
+        raise SparsefitError(f"the butterfly sampler needs an even width >= 2, got {width}")
+    half = width // 2
+    b = torch.arange(half, dtype=torch.int64)
+    return torch.stack([b, b + half], dim=1).reshape(width)
+
+
+def _butterfly(depth: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """Perfect shuffles (:func:`riffle_permutation`), the last one adjusted so that the product
+    of all ``depth`` permutations is the identity; deterministic (the generator is not consumed).
+
+    For ``width = 2^L`` and ``depth = L`` the operator is exactly the set of radix-2 butterfly
+    products (the constant-geometry FFT graph): layer ``j`` mixes the pairs of indices that
+    differ in bit ``L − 1 − j``, every bit once, and the output comes back in natural order.
+    So the orthonormal Walsh–Hadamard matrix is ``L`` layers of the block
+    ``[[1, 1], [1, −1]]/√2``, and depth ``q·L`` chains ``q`` butterflies (every permutation is
+    then the shuffle itself). Other depths and even widths keep the shuffles and the natural
+    output order (so any ``L`` consecutive layers can still hold a butterfly when the width is a
+    power of two).
+    """
+    if depth == 0:
+        return torch.empty(0, width, dtype=torch.int64)
+    riffle = riffle_permutation(width)
+    perms = riffle.expand(depth, width).clone()
+    comp = torch.arange(width, dtype=torch.int64)  # gathers compose: z_j = x[comp]
+    for _ in range(depth - 1):
+        comp = comp[riffle]
+    perms[-1] = inverse_permutations(comp[None])[0]  # comp[last] = identity
+    return perms
+
+
+def is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
 #: Sampler name -> function ``(depth, width, generator) -> (depth, width) int64``.
 #: Files record the sampler's name; ``uniform`` is the default.
-SAMPLERS: dict[str, Sampler] = {"uniform": _uniform}
+SAMPLERS: dict[str, Sampler] = {"uniform": _uniform, "butterfly": _butterfly}
 
 
 def sample_permutations(depth: int, width: int, generator: torch.Generator, sampler: str = "uniform") -> torch.Tensor:

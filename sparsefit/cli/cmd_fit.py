@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import FitConfig
+from ..autosize import AutoFitResult, Trial, fit_auto
+from ..config import INITS, LOSSES, SCHEDULES, FitConfig
+from ..errors import SparsefitError
 from ..fileformat import check_output_path
 from ..fitting import FitResult, fit
 from ..targets import load_target
@@ -44,6 +46,27 @@ def fit_report_rows(r: FitResult, backend: str | None = None) -> list[tuple[str,
     return rows
 
 
+class TrialLog:
+    """Prints one line per finished trial of a depth search."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def on_trial(self, t: Trial) -> None:
+        if not self.quiet:
+            met = "" if t.reached_target is None else (" ✓" if t.reached_target else " ✗")
+            err_console.print(
+                f"depth {t.depth}: {fmt(t.params)} parameters, relative error {fmt(t.relative_error)}{met} "
+                f"({t.seconds:.1f} s{', warm start' if t.warm_start else ''})",
+                highlight=False,
+            )
+
+
+def search_summary(a: AutoFitResult) -> str:
+    tried = ", ".join(f"{t.depth}→{fmt(t.relative_error, 3)}" for t in a.search)
+    return f"chose depth {a.depth} of {len(a.search)} tried ({tried})"
+
+
 def fit_json(r: FitResult, output: Path | None, source: str) -> dict[str, Any]:
     d: dict[str, Any] = r.metrics.to_dict()
     d["matrix"] = source
@@ -73,14 +96,55 @@ def fit_command(
     width: Annotated[
         int | None, typer.Option(help="Internal width n (even, ≥ max(out, in)). Default 2·max(out, in).")
     ] = None,
-    steps: Annotated[int, typer.Option(help="Adam steps.")] = 12000,
+    steps: Annotated[
+        int, typer.Option(help="Adam steps (per trial of a depth search; 0 keeps a closed-form --init as it is).")
+    ] = 12000,
     batch: Annotated[int, typer.Option(help="Gaussian probes per step.")] = 1024,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-2,
     schedule: Annotated[
-        str, typer.Option(help="Learning-rate/regulariser schedule (paper = the note's three phases).")
+        str,
+        typer.Option(
+            help=f"Learning-rate/regulariser schedule: {', '.join(SCHEDULES)} (paper = the note's three phases)."
+        ),
     ] = "paper",
     seed: Annotated[int, typer.Option(help="Seeds permutations, initialisation and probes.")] = 0,
-    permutations: Annotated[str, typer.Option("--permutations", help="Permutation sampler.")] = "uniform",
+    permutations: Annotated[
+        str,
+        typer.Option(
+            "--permutations",
+            "--sampler",
+            help="Permutation sampler: uniform (random, the note's) or butterfly (perfect shuffles; exact "
+            "Walsh–Hadamard/butterfly products at width 2^L, depth L).",
+        ),
+    ] = "uniform",
+    init: Annotated[
+        str,
+        typer.Option(
+            help=f"Starting blocks: {', '.join(INITS)} (butterfly: closed-form factorisation, needs "
+            "--permutations butterfly and a power-of-two --width; with --steps 0 it is kept as is)."
+        ),
+    ] = "random",
+    loss: Annotated[
+        str,
+        typer.Option(
+            help=f"Training loss: {', '.join(LOSSES)} (exact: the whole ||G~ − A||² each step, for targets with few columns)."
+        ),
+    ] = "probes",
+    target_error: Annotated[
+        float | None,
+        typer.Option(
+            "--target-error",
+            help="Choose the depth: the smallest that reaches this relative error (a search of fits; --steps each).",
+        ),
+    ] = None,
+    max_params: Annotated[
+        int | None,
+        typer.Option(
+            "--max-params",
+            help="Choose the depth within this parameter budget (with --target-error: the cap of the search; "
+            "alone: the most accurate depth within it).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     backend: Annotated[str, typer.Option(help="Fit step: auto, torch, reference, numba.")] = "auto",
@@ -92,7 +156,14 @@ def fit_command(
     """Fit G~ to a matrix, report the error and savings, and export it.
 
     Example: [bold]sparsefit fit P.npy --depth 24 --steps 3000 -o P.safetensors --json r.json[/]
+
+    Choose the depth instead: [bold]sparsefit fit P.npy --target-error 0.05 --max-params 200000[/]
+    (the JSON report then has the trials under "search"). Walsh–Hadamard exactly:
+    [bold]sparsefit fit H.npy --permutations butterfly --init butterfly --width 1024 --depth 10 --steps 0[/]
     """
+    auto = target_error is not None or max_params is not None
+    if auto and depth is not None:
+        raise SparsefitError("--depth fixes the depth; drop it to let --target-error/--max-params choose one")
     config = FitConfig(
         depth=depth,
         width=width,
@@ -105,19 +176,43 @@ def fit_command(
         device=device,
         dtype=dtype,
         backend=backend,
+        init=init,
+        loss=loss,
     )
     out = check_output_path(output or default_output(matrix))
     check_json_target(json_out)
     target = load_target(matrix, key)
     if not quiet and json_out != "-":
         err_console.print(f"fitting {target.name} ({target.shape[0]} × {target.shape[1]})", highlight=False)
+    search = None
     with FitProgress("fit", quiet=quiet) as progress:
-        result = fit(target, config, [progress])
+        if auto:
+            chosen = fit_auto(
+                target, config, target_error=target_error, max_params=max_params, callbacks=[progress, TrialLog(quiet)]
+            )
+            result, search = chosen.result, chosen
+        else:
+            result = fit(target, config, [progress])
     result.save(str(out))
     if not quiet:
-        err_console.print(key_value_table("sparsefit fit", fit_report_rows(result)))
+        rows = fit_report_rows(result)
+        if search is not None:
+            rows.append(("depth search", search_summary(search)))
+        err_console.print(key_value_table("sparsefit fit", rows))
         err_console.print(f"wrote {out}", highlight=False)
-    emit_json(json_out, fit_json(result, out, str(matrix)))
+        if search is not None and search.target_met is False:
+            err_console.print(
+                f"[yellow]target not reached:[/] no depth up to {max(t.depth for t in search.search)} reached "
+                f"relative error {fmt(target_error)}; wrote the most accurate fit (depth {search.depth})",
+                highlight=False,
+            )
+    payload = fit_json(result, out, str(matrix))
+    if search is not None:
+        payload["search"] = search.search_dicts()
+        payload["target_error"] = target_error
+        payload["max_params"] = max_params
+        payload["target_met"] = search.target_met
+    emit_json(json_out, payload)
     if result.interrupted:
         err_console.print("[yellow]interrupted:[/] the best result so far was written, marked as interrupted")
         raise typer.Exit(130)
