@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .errors import SparsefitError
+from .fitting import resolve_device
 from .operator import gtilde_torch, random_orthogonal_blocks
 from .permutations import inverse_permutations, sample_permutations
 
@@ -239,14 +240,6 @@ def _protocol(config: BenchConfig, device: torch.device) -> BenchConfig:
     )
 
 
-def resolve_bench_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SparsefitError("--device cuda was asked for but no CUDA GPU is available")
-    return torch.device(device)
-
-
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -269,7 +262,7 @@ def run_bench(
     Returns one :class:`BenchRow` per (width, batch, dtype, method); ``progress(row)`` is called
     as each row completes (the CLI uses it; the library never prints)."""
     config = config or BenchConfig()
-    device = resolve_bench_device(config.device)
+    device = resolve_device(config.device)
     config = _protocol(config, device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     widths = [int(w) for w in (config.widths or defaults["widths"])]
@@ -458,7 +451,7 @@ def bench_file(path: str | os.PathLike[str], config: BenchConfig | None = None) 
     from .fileformat import load
 
     config = config or BenchConfig()
-    device = resolve_bench_device(config.device)
+    device = resolve_device(config.device)
     config = _protocol(config, device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     op, _, _ = load(path, device=device)

@@ -19,10 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import shutil
-import warnings
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import SparsefitError
+from .targets import load_state_dict_file
 
 #: safetensors dtype codes → torch dtype names.
 _ST_DTYPES = {
@@ -262,22 +260,7 @@ def _safetensors_entries(p: Path, shard: int) -> list[TensorEntry]:
 
 def load_torch_state(p: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     """``torch.load(p, weights_only=True)`` (memory-mapped when the file allows), as a flat dict of tensors."""
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError as e:
-                if not mmap or "mmap" not in str(e):
-                    raise
-                obj = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        raise SparsefitError(
-            f"{p}: refused to load: the file contains Python objects other than tensors ({_one_line(e)[:100]}); "
-            "only plain state dicts are read (weights_only=True)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise SparsefitError(f"{p}: not a readable PyTorch file ({_one_line(e)[:160]}); is it truncated?") from None
+    obj = load_state_dict_file(p, mmap=mmap)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -358,14 +358,24 @@ def _load_safetensors(p: Path, key: str | None) -> Target:
     return DenseTarget(check_matrix(t, f"{p}[{k}]"), f"{p}[{k}]")
 
 
-def load_state_dict_file(p: Path) -> Any:
-    """``torch.load(p, weights_only=True)`` with refusals turned into one-line errors."""
+def load_state_dict_file(p: Path, mmap: bool = False) -> Any:
+    """``torch.load(p, weights_only=True)`` with refusals turned into one-line errors.
+
+    ``mmap=True`` maps the tensors' storage instead of reading it (zip-format files; the legacy
+    format falls back to a plain read).
+    """
     import pickle
 
     try:
         with warnings.catch_warnings():
             # files pickled with protocol > 2 trigger an advisory warning before the safe unpickler runs
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if mmap:
+                try:
+                    return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise SparsefitError(

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..bench import BenchConfig, BenchRow, bench_file, resolve_bench_device, run_bench
+from ..bench import BenchConfig, BenchRow, bench_file, run_bench
 from ..errors import SparsefitError
+from ..fitting import resolve_device
 from .app import app, err_console, out_console, user_errors
 from .report import check_json_target, emit_json, fmt
 
@@ -100,7 +101,7 @@ def bench_command(
         backward=not no_backward,
         device=device,
     )
-    dev = resolve_bench_device(device)
+    dev = resolve_device(device)
     if file is not None:
         rows = bench_file(file, config)
     else:
