@@ -79,10 +79,11 @@ def plan_table(plans: list[LayerPlan], config: CompressConfig) -> Table:
 
 
 def result_table(report: CompressReport) -> Table:
+    # Numbers never wrap; long layer names fold instead, so the table stays readable at 80 columns.
     table = Table(title="sparsefit compress", title_justify="left")
-    table.add_column("layer", overflow="fold")
-    for col in ("shape", "status", "depth", "params", "ratio", "rel. error", "SVD same budget", "s"):
-        table.add_column(col, justify="left" if col == "status" else "right")
+    table.add_column("layer", overflow="fold", min_width=8)
+    for col in ("shape", "status", "depth", "params", "kept", "error", "SVD err", "s"):
+        table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     for r in report.layers:
         data = f" (data {fmt(r.data_relative_error, 3)})" if r.data_relative_error is not None else ""
         table.add_row(
@@ -90,7 +91,7 @@ def result_table(report: CompressReport) -> Table:
             f"{r.shape[0]}×{r.shape[1]}",
             r.status,
             fmt(r.depth) if r.status == "compressed" else "—",
-            f"{fmt(r.params_after)} / {fmt(r.params_before)}",
+            fmt(r.params_after),
             f"{r.params_after / r.params_before:.3f}",
             (fmt(r.relative_error, 3) + data) if r.relative_error is not None else "—",
             fmt(r.svd_relative_error, 3),
@@ -101,9 +102,9 @@ def result_table(report: CompressReport) -> Table:
     table.add_row(
         "total (selected)",
         "",
-        f"{t['compressed_layers']}/{t['selected_layers']} compressed",
+        f"{t['compressed_layers']}/{t['selected_layers']}",
         "",
-        f"{fmt(t['selected_params_after'])} / {fmt(t['selected_params_before'])}",
+        fmt(t["selected_params_after"]),
         f"{t['selected_params_after'] / max(1, t['selected_params_before']):.3f}",
         "",
         "",
