@@ -136,6 +136,7 @@ def record_calibration(transformers, src: Path, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target-error", type=float, default=0.65)
+    ap.add_argument("--depth", type=int, default=None, help="a fixed depth for every layer instead of --target-error")
     ap.add_argument("--max-params-ratio", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=128)
@@ -154,7 +155,8 @@ def main() -> None:
         calib = args.out / "calibration.safetensors"
         record_calibration(transformers, src, calib)
     cfg = CompressConfig(
-        target_error=args.target_error,
+        depth=args.depth,
+        target_error=None if args.depth else args.target_error,
         max_params_ratio=args.max_params_ratio,
         min_depth=args.min_depth,
         width=args.width,
@@ -201,7 +203,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     before = t["selected_params_before"]
     print(
-        f"| sparsefit G~ (target {args.target_error}) | {rows['layers_compressed']} | {t['selected_params_after']:,} / {before:,} "
+        f"| sparsefit G~ ({f'depth {args.depth}' if args.depth else f'target {args.target_error}'}) | {rows['layers_compressed']} | {t['selected_params_after']:,} / {before:,} "
         f"| {t['params_saved']:,} ({t['params_saved'] / before:.1%}) | {rows['mean_layer_error_gtilde']:.3f} "
         f"| {got['cosine_mean']:.4f} ({got['cosine_min']:.4f}) | {got['spearman_pairs']:.4f} |"
     )
