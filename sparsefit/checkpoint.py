@@ -175,28 +175,18 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _open_dir(d: Path) -> Checkpoint:
-    st_index = d / "model.safetensors.index.json"
-    st_single = d / "model.safetensors"
-    pt_index = d / "pytorch_model.bin.index.json"
-    pt_single = d / "pytorch_model.bin"
-    if st_index.is_file():
-        shards, names = _read_index(st_index)
-        entries: list[TensorEntry] = []
-        for i, s in enumerate(shards):
-            entries += _safetensors_entries(s, i)
-        _check_index(st_index, names, entries)
-        return Checkpoint(d, "hf-dir", shards, entries, model_dir=d)
-    if st_single.is_file():
-        return Checkpoint(d, "hf-dir", [st_single], _safetensors_entries(st_single, 0), model_dir=d)
-    if pt_index.is_file():
-        shards, names = _read_index(pt_index)
-        entries = []
-        for i, s in enumerate(shards):
-            entries += _torch_entries(s, i)
-        _check_index(pt_index, names, entries)
-        return Checkpoint(d, "hf-dir", shards, entries, model_dir=d)
-    if pt_single.is_file():
-        return Checkpoint(d, "hf-dir", [pt_single], _torch_entries(pt_single, 0), model_dir=d)
+    # Hugging Face layouts in order of preference: sharded or single, safetensors before pickles.
+    for stem, read_entries in (("model.safetensors", _safetensors_entries), ("pytorch_model.bin", _torch_entries)):
+        index, single = d / f"{stem}.index.json", d / stem
+        if index.is_file():
+            shards, names = _read_index(index)
+            entries: list[TensorEntry] = []
+            for i, s in enumerate(shards):
+                entries += read_entries(s, i)
+            _check_index(index, names, entries)
+            return Checkpoint(d, "hf-dir", shards, entries, model_dir=d)
+        if single.is_file():
+            return Checkpoint(d, "hf-dir", [single], read_entries(single, 0), model_dir=d)
     others = sorted(q.name for q in d.glob("*.safetensors"))
     if not (d / "config.json").is_file():
         if others:
