@@ -40,6 +40,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# this script is what verifies the fused kernel: let backend "auto" (and so sparsefit.fit) use it
+os.environ.setdefault("SPARSEFIT_FUSED", "1")
 
 import sparsefit  # noqa: E402
 from sparsefit import bench  # noqa: E402

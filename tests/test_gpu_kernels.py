@@ -357,7 +357,8 @@ def test_gpu_cuda_graph_capture():
 
 
 @pytest.mark.gpu
-def test_gpu_module_auto_backend_uses_the_kernel():
+def test_gpu_module_auto_backend_uses_the_kernel(monkeypatch):
+    monkeypatch.setenv("SPARSEFIT_FUSED", "1")  # auto picks the fused kernel only once opted in
     g = GTilde(300, 200, 10, seed=0).cuda()
     x = torch.randn(17, 300, device="cuda")
     y = g(x)  # auto → fused kernel

@@ -166,3 +166,16 @@ def test_orthogonality_penalty_grad_matches_autograd():
     b = torch.randn(3, 5, 2, 2, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(orthogonality_penalty(b), b)
     assert rel_err(orthogonality_penalty_grad(b.detach()), g) < 1e-13
+
+
+def test_auto_backend_keeps_unverified_fused_kernel_opt_in(monkeypatch):
+    import sparsefit.kernels as kernels
+
+    x = torch.randn(3, 4)
+    monkeypatch.delenv("SPARSEFIT_FUSED", raising=False)
+    assert kernels._auto_may_use_fused() is kernels.FUSED_VERIFIED_ON_GPU
+    monkeypatch.setenv("SPARSEFIT_FUSED", "1")
+    assert kernels._auto_may_use_fused()
+    # on a CPU tensor auto is the torch path either way
+    g = GTilde(4, 4, 2, 8, seed=0)
+    assert rel_err(g(x), g(x, backend="reference")) < 1e-6

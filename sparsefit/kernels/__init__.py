@@ -8,16 +8,28 @@ Backends:
 * ``reference`` — :func:`sparsefit.operator.gtilde_reference` (generic autograd; the oracle);
 * ``torch`` — :func:`sparsefit.operator.gtilde_torch` (hand-written backward; CPU and CUDA);
 * ``cuda`` — the fused GPU kernel (:mod:`sparsefit.kernels.gpu`), CUDA tensors only;
-* ``auto`` — ``cuda`` for CUDA tensors when the fused kernel can run there, else ``torch``.
+* ``auto`` — ``torch`` for now. The fused kernel has only been checked in Triton's CPU
+  interpreter, never on a GPU, so ``auto`` does not hand it to users until it has been: set
+  ``SPARSEFIT_FUSED=1`` (or pass ``backend="cuda"``) to opt in; flip
+  :data:`FUSED_VERIFIED_ON_GPU` once ``benchmarks/bench_gpu.py`` has passed on a GPU.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 
 import torch
 
 from ..errors import SparsefitError
+
+#: Whether ``auto`` may choose the fused kernel: False until a GPU run of
+#: ``benchmarks/bench_gpu.py`` has checked it (environment override: ``SPARSEFIT_FUSED=1``).
+FUSED_VERIFIED_ON_GPU = False
+
+
+def _auto_may_use_fused() -> bool:
+    return FUSED_VERIFIED_ON_GPU or os.environ.get("SPARSEFIT_FUSED", "") == "1"
 
 
 class Backend(str, enum.Enum):
@@ -56,7 +68,7 @@ def dispatch(
             f"unknown backend {backend!r}; choose one of: {', '.join(m.value for m in Backend)}"
         ) from None
     if b is Backend.AUTO:
-        b = Backend.CUDA if fused_gpu_available(x) else Backend.TORCH
+        b = Backend.CUDA if _auto_may_use_fused() and fused_gpu_available(x) else Backend.TORCH
     if b is Backend.REFERENCE:
         return gtilde_reference(x, blocks, perms, out_features)
     if b is Backend.TORCH:
