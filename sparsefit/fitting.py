@@ -301,18 +301,22 @@ def fit(
         with torch.no_grad():
             op.blocks.copy_(best_blocks)
     op.blocks.grad = None
+    error = None  # measured here when a start has to be compared; evaluate() reuses it
     if start_blocks is not None and steps_run > 0:
         trained = op.blocks.detach().clone()
-        err_trained = relative_error(op, tgt, seed=config.seed).value
+        err_trained = relative_error(op, tgt, seed=config.seed)
         with torch.no_grad():
             op.blocks.copy_(start_blocks)
-        if not relative_error(op, tgt, seed=config.seed).value < err_trained:
+        error = relative_error(op, tgt, seed=config.seed)
+        if not error.value < err_trained.value:
+            error = err_trained
             with torch.no_grad():
                 op.blocks.copy_(trained)
     metrics = evaluate(
         op,
         tgt,
         seed=config.seed,
+        error=error,
         mse_last=last_window_mse if not interrupted else best_mse,
         steps_run=steps_run,
         seconds=fit_seconds,
@@ -333,11 +337,15 @@ def evaluate(
     seconds: float = 0.0,
     interrupted: bool = False,
     shape: tuple[int, int] | None = None,
+    error: ErrorEstimate | None = None,
 ) -> FitMetrics:
-    """Measure ``op`` against ``target``: relative error, parameter and FLOP counts, SVD baseline."""
+    """Measure ``op`` against ``target``: relative error, parameter and FLOP counts, SVD baseline.
+
+    ``error``: the relative error if the caller has already measured it (with the same seed).
+    """
     tgt = as_target(target, shape)
     m, k = tgt.shape
-    err: ErrorEstimate = relative_error(op, tgt, seed=seed)
+    err: ErrorEstimate = error if error is not None else relative_error(op, tgt, seed=seed)
     params = op.num_parameters
     svd: SvdBaseline = svd_baseline(tgt, params)
     return FitMetrics(

@@ -179,10 +179,7 @@ def forward(
     if _run_fused(launch, n, batch, x.dtype):
         return y, saved
     # layer by layer: fp32 (or fp64) state in global memory, ping-pong buffers
-    br, bh = config.layer_rows, config.layer_pairs
-    grid = (triton_cdiv(batch, br), triton_cdiv(h, bh))
-    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    bufs = [torch.empty(batch, n, dtype=state_dtype, device=x.device) for _ in range(min(2, depth - 1))]
+    br, bh, grid, bufs = _layer_plan(batch, h, x, min(2, depth - 1))
     src, k_src = x, kin
     for j in range(depth):
         last = j == depth - 1
@@ -195,6 +192,16 @@ def forward(
         )  # fmt: skip
         src, k_src = dst, n
     return y, saved
+
+
+def _layer_plan(batch: int, h: int, like: torch.Tensor, count: int) -> tuple[int, int, tuple[int, int], list]:
+    """Tiles, grid and ``count`` ping-pong state buffers ``(batch, 2h)`` for the layer-by-layer
+    path (fp32 state, fp64 for fp64 inputs)."""
+    br, bh = config.layer_rows, config.layer_pairs
+    grid = (triton_cdiv(batch, br), triton_cdiv(h, bh))
+    state_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    bufs = [torch.empty(batch, 2 * h, dtype=state_dtype, device=like.device) for _ in range(count)]
+    return br, bh, grid, bufs
 
 
 def backward(
@@ -233,10 +240,7 @@ def backward(
             )  # fmt: skip
 
         if not _run_fused(launch, n, batch, gy.dtype):
-            br, bh = config.layer_rows, config.layer_pairs
-            grid = (triton_cdiv(batch, br), triton_cdiv(h, bh))
-            state_dtype = torch.float64 if gy.dtype == torch.float64 else torch.float32
-            bufs = [torch.empty(batch, n, dtype=state_dtype, device=gy.device) for _ in range(min(2, depth))]
+            br, bh, grid, bufs = _layer_plan(batch, h, gy, min(2, depth))
             src, m_src = gy, m
             for step, j in enumerate(reversed(range(depth))):
                 first_layer = j == 0
