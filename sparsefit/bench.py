@@ -3,8 +3,9 @@
 For each width ``n``, batch and dtype, :func:`run_bench` times, with the same protocol:
 
 * ``dense`` — ``x @ W.T`` with a dense ``out × in`` weight (the layer G~ replaces);
-* ``torch`` — :func:`sparsefit.operator.gtilde_torch` (the PyTorch path);
-* ``fused`` — the fused Triton kernel (:mod:`sparsefit.kernels.gpu`), on CUDA only;
+* ``torch`` — the ``torch`` backend (:mod:`sparsefit.kernels.torch_path`);
+* ``fused`` — the device's fused backend (:func:`sparsefit.kernels.fused_backend`: ``cuda``, the
+  Triton kernel, on a GPU; ``cpu``, the numba kernels, on the CPU);
 
 each forward and forward+backward (``∂x`` and ``∂W`` / ``∂blocks``), at depth ``2·log2 n``
 unless given. Each :class:`BenchRow` carries the median time, the speedup over dense, the bytes a
@@ -38,7 +39,8 @@ import torch
 
 from .errors import SparsefitError
 from .fitting import resolve_device
-from .operator import gtilde_torch, random_orthogonal_blocks
+from .kernels import Backend, dispatch, fused_backend, fused_gpu_available
+from .operator import random_orthogonal_blocks
 from .permutations import inverse_permutations, sample_permutations
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -247,11 +249,9 @@ def _free_bytes(device: torch.device) -> int:
 
 
 def _fused_ok(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    from .kernels import gpu
-
-    return gpu.is_available()
+    if fused_backend(device) is Backend.CUDA:
+        return fused_gpu_available(device)
+    return False  # the fused CPU apply kernel is not built yet
 
 
 def run_bench(
@@ -401,18 +401,10 @@ def _time_method(
 
         params: Callable[[int], list[torch.Tensor]] = lambda i: [ws[i % nsets]]  # noqa: E731
     else:
-        if method == "fused":
-            from .kernels import gpu
+        backend = fused_backend(device) if method == "fused" else Backend.TORCH
 
-            perms32 = perms.to(torch.int32)
-
-            def gt(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                return gpu.gtilde_fused(x, b, perms32, fout)
-
-        else:
-
-            def gt(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                return gtilde_torch(x, b, perms, fout, inv)
+        def gt(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return dispatch(backend, x, b, perms, fout, inv)
 
         bparam = blocks.clone()
 

@@ -98,7 +98,6 @@ LOSSES = ("probes", "exact")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
-FIT_BACKENDS = ("auto", "torch", "reference", "numba")
 
 
 @dataclass(frozen=True)
@@ -157,8 +156,9 @@ class FitConfig:
             raise SparsefitError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise SparsefitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.backend not in FIT_BACKENDS:
-            raise SparsefitError(f"backend must be one of {', '.join(FIT_BACKENDS)}, got {self.backend!r}")
+        from .kernels import parse_backend
+
+        object.__setattr__(self, "backend", parse_backend(self.backend).value)  # "numba" (old name) -> "cpu"
         if self.eval_every < 1:
             raise SparsefitError(f"eval_every must be at least 1, got {self.eval_every}")
         if self.seed < 0:

@@ -17,6 +17,7 @@ import torch
 
 from .config import FitConfig, resolve_depth
 from .errors import SparsefitError
+from .kernels import Backend, fused_cpu_available, parse_backend, resolve_backend
 from .metrics import ErrorEstimate, SvdBaseline, relative_error, svd_baseline
 from .operator import GTilde, default_width, gtilde_flops_per_matvec, orthogonality_penalty_grad
 from .targets import Target, as_target
@@ -110,26 +111,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _step_backend(config: FitConfig, device: torch.device) -> str:
-    if config.backend != "auto":
-        if config.backend == "numba" and device.type != "cpu":
-            raise SparsefitError("the numba fit backend runs on the CPU; use --device cpu or --backend auto")
-        if config.backend == "numba":
-            from .kernels import cpu
-
-            if not cpu.is_available():
-                raise SparsefitError("the numba fit backend needs numba; pip install numba, or use --backend torch")
-        return config.backend
-    if device.type == "cpu":
-        try:
-            from .kernels import cpu
-
-            if cpu.is_available():
-                return "numba"
-        except ImportError:
-            pass
-        return "torch"
-    return "auto"  # CUDA: the fused kernel where available, else the torch path
+def _step_backend(config: FitConfig, device: torch.device) -> Backend:
+    """The training step's backend: ``cpu`` runs the fused numba step (loss and block gradient in
+    one call); the others apply the operator with that backend and let autograd do the rest."""
+    b = parse_backend(config.backend)
+    if b is Backend.AUTO and device.type == "cpu" and fused_cpu_available():
+        return Backend.CPU
+    return resolve_backend(b, device)
 
 
 def _emit(callbacks: Sequence[Any], name: str, *args: Any) -> None:
@@ -206,7 +194,7 @@ def fit(
         exact = (eye, tgt.matmat(eye))
     backend = _step_backend(config, device)
     fused_cpu = None
-    if backend == "numba":
+    if backend is Backend.CPU:
         from .kernels.cpu import fit_step_numba as fused_cpu
 
     phases = config.phase_steps()
@@ -219,7 +207,7 @@ def fit(
         "width": width,
         "shape": (m, k),
         "device": str(device),
-        "backend": backend,
+        "backend": backend.value,
         "params": op.num_parameters,
     }
     _emit(callbacks, "on_start", info)

@@ -14,8 +14,8 @@ from .operator import GTilde
 class SparseLinear(nn.Module):
     """``y = G~ x + bias`` for ``x: (..., in_features)`` → ``(..., out_features)``.
 
-    Uses the fused GPU kernel on CUDA when available and the PyTorch path elsewhere
-    (``backend`` overrides: ``auto``, ``torch``, ``reference``, ``cuda``).
+    ``backend``: one of :data:`sparsefit.kernels.BACKENDS` (``auto``, ``reference``, ``torch``,
+    ``cpu``, ``cuda``); ``auto`` picks the fused kernel of the input's device where it can run.
 
     Example
     -------

@@ -12,13 +12,12 @@ Mathematics and conventions (the file format uses the same ones):
 * Rectangular targets (``out_features × in_features``): the input is zero-padded to ``n``, the
   output is the first ``out_features`` entries.
 
-Three implementations share one signature ``f(x, blocks, perms, out_features) -> y`` with
-``x: (batch, in_features)`` and ``y: (batch, out_features)``:
-
-* :func:`gtilde_reference` — plain PyTorch with generic autograd, the test oracle;
-* :func:`gtilde_torch` — feature-major layout and a hand-written backward (inverse permutation
-  gathers, batched 2×2 products), several times faster on CPU;
-* the fused GPU kernel in :mod:`sparsefit.kernels` (same signature).
+The implementations of ``G~ x`` live in :mod:`sparsefit.kernels` and share one signature
+``f(x, blocks, perms, out_features) -> y`` with ``x: (batch, in_features)`` and
+``y: (batch, out_features)``: the plain PyTorch reference (the test oracle), the PyTorch path
+(hand-written backward), the fused CPU and GPU kernels. :func:`gtilde_reference`,
+:func:`gtilde_torch` and the transposes are re-exported here. This module imports
+:mod:`sparsefit.kernels`, never the reverse.
 """
 
 from __future__ import annotations
@@ -29,7 +28,25 @@ import torch
 from torch import nn
 
 from .errors import SparsefitError
+from .kernels import dispatch
+from .kernels.reference import gtilde_reference, gtilde_transpose_reference
+from .kernels.torch_path import gtilde_torch, gtilde_transpose_torch
 from .permutations import inverse_permutations, sample_permutations
+
+__all__ = [
+    "GTilde",
+    "check_shape",
+    "default_width",
+    "gtilde_flops_per_matvec",
+    "gtilde_num_parameters",
+    "gtilde_reference",
+    "gtilde_torch",
+    "gtilde_transpose_reference",
+    "gtilde_transpose_torch",
+    "orthogonality_penalty",
+    "orthogonality_penalty_grad",
+    "random_orthogonal_blocks",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,142 +115,6 @@ def orthogonality_penalty_grad(blocks: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(2, dtype=blocks.dtype, device=blocks.device)
     count = blocks.numel() // 4
     return (-8.0 / count) * (blocks @ (eye - blocks.transpose(-1, -2) @ blocks))
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference implementation (the oracle)
-# ----------------------------------------------------------------------------------------------
-def gtilde_reference(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``y = G~ x`` row by row, in plain PyTorch with generic autograd.
-
-    x: ``(batch, in_features)``; blocks: ``(depth, n/2, 2, 2)``; perms: ``(depth, n)`` integer;
-    returns ``(batch, out_features)``.
-    """
-    batch, k = x.shape
-    depth, h = blocks.shape[0], blocks.shape[1]
-    n = 2 * h
-    z = torch.nn.functional.pad(x, (0, n - k))
-    for j in range(depth):
-        z = z[:, perms[j].long()]
-        z = torch.einsum("hrc,bhc->bhr", blocks[j], z.reshape(batch, h, 2)).reshape(batch, n)
-    return z[:, :out_features]
-
-
-def gtilde_transpose_reference(
-    y: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, in_features: int
-) -> torch.Tensor:
-    """``x = G~ᵀ y`` in plain PyTorch. y: ``(batch, out_features)`` → ``(batch, in_features)``."""
-    batch, m = y.shape
-    depth, h = blocks.shape[0], blocks.shape[1]
-    n = 2 * h
-    z = torch.nn.functional.pad(y, (0, n - m))
-    inv = inverse_permutations(perms.long())
-    for j in reversed(range(depth)):
-        z = torch.einsum("hcr,bhc->bhr", blocks[j], z.reshape(batch, h, 2)).reshape(batch, n)
-        z = z[:, inv[j]]
-    return z[:, :in_features]
-
-
-# ----------------------------------------------------------------------------------------------
-# Fast PyTorch implementation: feature-major activations, hand-written backward
-# ----------------------------------------------------------------------------------------------
-def _forward_fm(xt: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, save: torch.Tensor | None) -> torch.Tensor:
-    """Apply all layers to feature-major ``xt: (n, batch)``; optionally keep each layer's gathered input."""
-    depth, h = blocks.shape[0], blocks.shape[1]
-    n, batch = xt.shape
-    cur = xt
-    for j in range(depth):
-        z = save[j] if save is not None else torch.empty_like(cur)
-        torch.index_select(cur, 0, perms[j], out=z)
-        cur = torch.bmm(blocks[j], z.view(h, 2, batch)).view(n, batch)
-    return cur
-
-
-def _transpose_fm(
-    dt: torch.Tensor,
-    blocks: torch.Tensor,
-    inv_perms: torch.Tensor,
-    saved: torch.Tensor | None = None,
-    grad_blocks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Apply ``G~ᵀ`` to feature-major ``dt: (n, batch)``; with ``saved`` also accumulate block gradients."""
-    depth, h = blocks.shape[0], blocks.shape[1]
-    n, batch = dt.shape
-    cur = dt
-    bt = blocks.transpose(-1, -2)
-    for j in reversed(range(depth)):
-        v = cur.view(h, 2, batch)
-        if grad_blocks is not None and saved is not None:
-            torch.bmm(v, saved[j].view(h, 2, batch).transpose(1, 2), out=grad_blocks[j])
-        dz = torch.bmm(bt[j], v).view(n, batch)
-        cur = dz.index_select(0, inv_perms[j])
-    return cur
-
-
-def _pad_fm(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``(batch, k)`` → zero-padded feature-major ``(n, batch)``."""
-    batch, k = x.shape
-    xt = x.new_zeros(n, batch)
-    xt[:k] = x.t()
-    return xt
-
-
-class _GTildeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, blocks, perms, inv_perms, out_features):  # type: ignore[override]
-        depth, h = blocks.shape[0], blocks.shape[1]
-        n = 2 * h
-        xt = _pad_fm(x, n)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        saved = xt.new_empty(depth, n, x.shape[0]) if need_grad else None
-        y = _forward_fm(xt, blocks, perms, saved)
-        if need_grad:
-            ctx.save_for_backward(saved, blocks, inv_perms)
-        ctx.in_features = x.shape[1]
-        return y[:out_features].t().contiguous()
-
-    @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
-        saved, blocks, inv_perms = ctx.saved_tensors
-        h = blocks.shape[1]
-        gt = _pad_fm(gy.to(blocks.dtype), 2 * h)
-        gblocks = torch.empty_like(blocks) if ctx.needs_input_grad[1] else None
-        gx = _transpose_fm(gt, blocks, inv_perms, saved, gblocks)
-        gx = gx[: ctx.in_features].t().contiguous() if ctx.needs_input_grad[0] else None
-        return gx, gblocks, None, None, None
-
-
-def gtilde_torch(
-    x: torch.Tensor,
-    blocks: torch.Tensor,
-    perms: torch.Tensor,
-    out_features: int,
-    inv_perms: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``y = G~ x``; same contract as :func:`gtilde_reference`, faster (hand-written backward).
-
-    ``inv_perms`` (the inverse permutations) may be passed to save recomputing them.
-    """
-    perms = perms.long()
-    if inv_perms is None:
-        inv_perms = inverse_permutations(perms)
-    return _GTildeFunction.apply(x, blocks, perms, inv_perms.long(), out_features)
-
-
-def gtilde_transpose_torch(
-    y: torch.Tensor,
-    blocks: torch.Tensor,
-    perms: torch.Tensor,
-    in_features: int,
-    inv_perms: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x = G~ᵀ y`` (no autograd); same contract as :func:`gtilde_transpose_reference`."""
-    if inv_perms is None:
-        inv_perms = inverse_permutations(perms.long())
-    n = 2 * blocks.shape[1]
-    with torch.no_grad():
-        xt = _transpose_fm(_pad_fm(y, n), blocks, inv_perms.long())
-    return xt[:in_features].t().contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,15 +192,13 @@ class GTilde(nn.Module):
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """``G~ x`` for ``x: (..., in_features)`` → ``(..., out_features)``.
 
-        ``backend``: ``auto`` (fused kernel on CUDA when available, else ``torch``), ``torch``,
-        ``reference`` or ``cuda`` (the fused kernel; an error where it cannot run).
+        ``backend``: see :class:`sparsefit.kernels.Backend` (``auto``, ``reference``, ``torch``,
+        ``cpu``, ``cuda``; a fused backend that cannot run on ``x``'s device is an error).
         """
         if x.shape[-1] != self.in_features:
             raise SparsefitError(f"input has {x.shape[-1]} features, the operator expects {self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        from .kernels import dispatch  # local: keeps the import graph acyclic and lean
-
         y = dispatch(backend, x2, self.blocks, self.perms, self.out_features, self.inv_perms)
         return y.reshape(*lead, self.out_features)
 

@@ -35,7 +35,9 @@ def apply_command(
         Path, typer.Argument(help=".npy of shape (batch, in_features) (or one vector); each row is a vector x.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write G~x for each row (.npy).")],
-    backend: Annotated[str, typer.Option(help="auto, torch, reference or cuda.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="auto, reference, torch, cpu (fused numba) or cuda (fused Triton).")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Apply an exported G~ to the rows of X: writes Y with row i = G~ · (row i of X), plus the bias if the file has one."""

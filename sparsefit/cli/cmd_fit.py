@@ -147,7 +147,9 @@ def fit_command(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    backend: Annotated[str, typer.Option(help="Fit step: auto, torch, reference, numba.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="Fit step: auto, reference, torch, cpu (fused numba step), cuda (fused Triton kernel).")
+    ] = "auto",
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the report as JSON to FILE, or - for stdout.")
     ] = None,

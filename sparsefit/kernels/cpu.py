@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ..operator import gtilde_reference
+from .reference import gtilde_reference
 
 #: Probes per chunk (SIMD lanes of the inner loops).
 LANES = 16
