@@ -50,8 +50,19 @@ MAX_NPY_HEADER = 65_535
 #: A deflated zip member cannot expand more than this (deflate's best ratio is about 1032:1).
 MAX_DEFLATE_RATIO = 1100
 #: Errors the standard library raises for malformed zip archives and their members.
-ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
-              NotImplementedError, RuntimeError, struct.error, OverflowError)
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    OverflowError,
+)
 
 
 def _prod(shape: tuple[int, ...] | list[int]) -> int:

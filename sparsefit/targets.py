@@ -323,7 +323,11 @@ def _pick(items: dict[str, Any], key: str | None, p: Path) -> tuple[str, Any]:
 
 
 #: The members of a scipy.sparse ``.npz`` (``scipy.sparse.save_npz``) by format.
-_SPARSE_NPZ = {"csr": ("data", "indices", "indptr"), "csc": ("data", "indices", "indptr"), "coo": ("data", "row", "col")}
+_SPARSE_NPZ = {
+    "csr": ("data", "indices", "indptr"),
+    "csc": ("data", "indices", "indptr"),
+    "coo": ("data", "row", "col"),
+}
 
 
 def _load_npz(p: Path, key: str | None) -> Target:

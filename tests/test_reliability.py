@@ -11,7 +11,9 @@ from sparsefit.cli import app
 
 runner = CliRunner()
 FAST = ["--steps", "20", "--batch", "8", "--depth", "2", "--quiet"]
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="device nodes can only be made (and /dev/null replaced) by root")
+root_only = pytest.mark.skipif(
+    os.geteuid() != 0, reason="device nodes can only be made (and /dev/null replaced) by root"
+)
 
 
 def run(*args):
