@@ -19,6 +19,7 @@ import os
 import struct
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -236,8 +237,21 @@ def safetensors_header(p: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Matrix Market
 # ----------------------------------------------------------------------------------------------
-def mtx_header(p: Path) -> tuple[str, int, int, int]:
-    """``(layout, rows, cols, stored entries)`` of a Matrix Market file, checked against its size."""
+@dataclass(frozen=True)
+class MtxHeader:
+    """What a Matrix Market file's banner and size line say; ``body`` is where the entries start."""
+
+    layout: str  # "coordinate" or "array"
+    field: str  # "real", "integer", "pattern", "complex"
+    symmetry: str  # "general", "symmetric", "skew-symmetric", "hermitian"
+    rows: int
+    cols: int
+    stored: int  # entries written in the file
+    body: int
+
+
+def mtx_header(p: Path) -> MtxHeader:
+    """The banner and size line of a Matrix Market file, checked against the file's size."""
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:
@@ -252,7 +266,7 @@ def mtx_header(p: Path) -> tuple[str, int, int, int]:
         raise SparsefitError(f"{p}: cannot read ({e.strerror or e})") from None
     if len(banner) != 5 or banner[0].lower() != b"%%matrixmarket" or banner[1].lower() != b"matrix":
         raise SparsefitError(f"{p}: not a readable Matrix Market file (no %%MatrixMarket matrix banner)")
-    layout = banner[2].lower().decode("latin1")
+    layout, field, symmetry = (b.lower().decode("latin1") for b in banner[2:])
     try:
         dims = [int(t) for t in line.split()]
     except ValueError:
@@ -261,8 +275,8 @@ def mtx_header(p: Path) -> tuple[str, int, int, int]:
         raise SparsefitError(f"{p}: not a readable Matrix Market file (bad size line {line[:80]!r})")
     rows, cols = dims[0], dims[1]
     stored = dims[2] if layout == "coordinate" else rows * cols
-    if layout == "array" and banner[4].lower() != b"general":  # only the lower triangle is stored
-        stored = rows * (rows - 1) // 2 if banner[4].lower() == b"skew-symmetric" else rows * (rows + 1) // 2
+    if layout == "array" and symmetry != "general":  # only the lower triangle is stored
+        stored = rows * (rows - 1) // 2 if symmetry == "skew-symmetric" else rows * (rows + 1) // 2
     # an entry takes at least 2 bytes ("1\n") in an array, 4 ("1 1\n") in coordinates
     per_entry = 4 if layout == "coordinate" else 2
     limit = sparse_dim_limit(size) if layout == "coordinate" else body
@@ -271,4 +285,4 @@ def mtx_header(p: Path) -> tuple[str, int, int, int]:
             f"{p}: the header claims a {rows} × {cols} matrix with {stored:,} entries, more than the file's "
             f"{size:,} bytes can hold; the file is truncated or corrupt"
         )
-    return layout, rows, cols, stored
+    return MtxHeader(layout, field, symmetry, rows, cols, stored, size - body)

@@ -219,6 +219,8 @@ def check_matrix(t: torch.Tensor | np.ndarray, name: str = "matrix") -> torch.Te
             raise SparsefitError(f"{name}: complex entries are not supported; give a real matrix")
         if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.number):
             raise SparsefitError(f"{name}: entries have dtype {t.dtype}; give a real numeric matrix")
+        if not t.dtype.isnative:  # e.g. a big-endian .npy; torch reads native byte order only
+            t = t.astype(t.dtype.newbyteorder("="))
         t = torch.from_numpy(np.ascontiguousarray(t))
     if t.is_complex():
         raise SparsefitError(f"{name}: complex entries are not supported; give a real matrix")
@@ -453,15 +455,63 @@ def _load_torch(p: Path, key: str | None) -> Target:
 
 
 def _load_mtx(p: Path, key: str | None) -> Target:
-    import scipy.io
+    _reject_key(key, p)
+    m = read_mtx(p)
+    return SparseTarget(m, str(p)) if not isinstance(m, np.ndarray) else DenseTarget(check_matrix(m, str(p)), str(p))
+
+
+def read_mtx(p: Path) -> Any:
+    """A real Matrix Market file: a scipy COO matrix (coordinate) or an ndarray (array).
+
+    The header is checked against the file's size first. (``scipy.io.mmread`` is not used: its
+    fast_matrix_market reader crashes the process on some truncated files, e.g. one ending in
+    ``1.5E``.)
+    """
     import scipy.sparse as sp
 
-    _reject_key(key, p)
-    mtx_header(p)
+    h = mtx_header(p)
+    if h.field not in ("real", "integer", "pattern", "double"):
+        raise SparsefitError(f"{p}: Matrix Market field {h.field!r} is not supported; give a real matrix")
+    if h.symmetry not in ("general", "symmetric", "skew-symmetric"):
+        raise SparsefitError(f"{p}: Matrix Market symmetry {h.symmetry!r} is not supported")
+    if h.symmetry != "general" and h.rows != h.cols:
+        raise SparsefitError(f"{p}: a {h.symmetry} matrix must be square, the header says {h.rows} × {h.cols}")
+    ncols = (2 if h.field == "pattern" else 3) if h.layout == "coordinate" else 1
     try:
-        m = scipy.io.mmread(str(p))
-    except Exception as e:  # scipy raises ValueError/OSError/IndexError for malformed files
-        raise SparsefitError(f"{p}: not a readable Matrix Market file ({_first_line(e)})") from None
-    if sp.issparse(m):
-        return SparseTarget(m, str(p))
-    return DenseTarget(check_matrix(np.asarray(m), str(p)), str(p))
+        with open(p, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data" for an empty body
+            f.seek(h.body)
+            rows = np.loadtxt(f, dtype=np.float64, comments="%", ndmin=2, max_rows=h.stored)
+            rest = f.read(1 << 16)
+    except (ValueError, OSError) as e:
+        raise SparsefitError(f"{p}: not a readable Matrix Market file ({_first_line(e)[:120]})") from None
+    if rows.shape[0] != h.stored or (h.stored and rows.shape[1] != ncols) or rest.strip(b" \t\r\n"):
+        raise SparsefitError(
+            f"{p}: the header says {h.stored:,} entries of {ncols} numbers, the file holds {rows.shape[0]:,} "
+            f"rows of {rows.shape[1] if rows.size else 0}; it is truncated or corrupt"
+        )
+    sign = -1.0 if h.symmetry == "skew-symmetric" else 1.0
+    if h.layout == "array":
+        if h.symmetry == "general":
+            return rows[:, 0].reshape(h.cols, h.rows).T.copy()
+        a = np.zeros((h.rows, h.cols))
+        lo = np.tril_indices(h.rows, 0 if h.symmetry == "symmetric" else -1)
+        order = np.lexsort((lo[0], lo[1]))  # the file lists the lower triangle column by column
+        a[lo[0][order], lo[1][order]] = rows[:, 0]
+        return a + sign * np.tril(a, -1).T
+    i, j = rows[:, 0], rows[:, 1]
+    if h.stored and (
+        (i != np.round(i)).any()
+        or (j != np.round(j)).any()
+        or i.min() < 1
+        or j.min() < 1
+        or i.max() > h.rows
+        or j.max() > h.cols
+    ):
+        raise SparsefitError(f"{p}: an entry's row or column is outside the {h.rows} × {h.cols} matrix")
+    v = np.ones(h.stored) if h.field == "pattern" else rows[:, 2]
+    i, j = i.astype(np.int64) - 1, j.astype(np.int64) - 1
+    if h.symmetry != "general":
+        off = i != j
+        i, j, v = np.concatenate([i, j[off]]), np.concatenate([j, i[off]]), np.concatenate([v, sign * v[off]])
+    return sp.coo_matrix((v, (i, j)), shape=(h.rows, h.cols))
