@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import SparsefitError
+from .headers import safetensors_header
 
 #: Fraction of a layer's recorded rows held out to measure the data-aware error.
 HOLDOUT = 0.1
@@ -92,12 +93,9 @@ def record_activations(
 
 def save_activations(path: str | os.PathLike[str], activations: dict[str, torch.Tensor]) -> None:
     """Write recorded activations as a calibration file (atomically)."""
-    from safetensors.torch import save_file
+    from .fileformat import save_safetensors
 
-    from .fileformat import atomic_output
-
-    with atomic_output(path) as tmp:
-        save_file({k: v.contiguous() for k, v in activations.items()}, str(tmp))
+    save_safetensors(path, activations)
 
 
 class Calibration:
@@ -109,6 +107,7 @@ class Calibration:
         self.path = Path(path)
         if not self.path.is_file():
             raise SparsefitError(f"{self.path}: no such calibration file")
+        safetensors_header(self.path)
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import SparsefitError
+from .headers import safetensors_header
 from .targets import load_state_dict_file
 
 #: safetensors dtype codes → torch dtype names.
@@ -207,10 +208,12 @@ def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError("empty weight_map")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise SparsefitError(f"{index}: not a valid shard index ({_one_line(e)})") from None
     files: list[str] = []
     for f in weight_map.values():
+        if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
+            raise SparsefitError(f"{index}: shard name {f!r} is not a file name inside {index.parent}")
         if f not in files:
             files.append(f)
     shards = []
@@ -236,6 +239,7 @@ def _check_index(index: Path, names: dict[str, str], entries: list[TensorEntry])
 def _safetensors_entries(p: Path, shard: int) -> list[TensorEntry]:
     from safetensors import safe_open
 
+    safetensors_header(p)
     try:
         with safe_open(str(p), framework="pt") as f:
             out = []
@@ -284,8 +288,8 @@ def copy_passthrough(files: list[Path], dest: Path) -> list[str]:
                 shutil.rmtree(target)
             os.replace(tmp, target)
         else:
-            with atomic_output(target) as t:
-                shutil.copyfile(src, t)
+            with atomic_output(target) as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out)
         names.append(src.name)
     return names
 

@@ -536,9 +536,7 @@ def _read_layer_header(path: Path) -> dict[str, Any] | None:
 
 
 def _write_layer(path: Path, plan: LayerPlan, rec: LayerRecord, op: GTilde | None, a: torch.Tensor, key: dict) -> None:
-    from safetensors.torch import save_file
-
-    from .fileformat import atomic_output, make_header, operator_tensors
+    from .fileformat import make_header, operator_tensors, save_safetensors
 
     header: dict[str, Any] = {"format": MANIFEST_FORMAT + ".layer", "format_version": MANIFEST_VERSION, "key": key}
     header["record"] = rec.to_dict()
@@ -547,8 +545,7 @@ def _write_layer(path: Path, plan: LayerPlan, rec: LayerRecord, op: GTilde | Non
         header["operator"] = make_header(op, has_bias=False)
     else:
         tensors = {plan.name: a.contiguous()}
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"sparsefit": json.dumps(header, sort_keys=True)})
+    save_safetensors(path, tensors, metadata={"sparsefit": json.dumps(header, sort_keys=True)})
 
 
 def prepare_output(output: Path) -> None:
@@ -646,10 +643,9 @@ def compress_checkpoint(
     if rank == 0:
         report.copied = copy_passthrough(ckpt.passthrough_files(), out)
         report.seconds = time.perf_counter() - t_start
-        from .fileformat import atomic_output
+        from .fileformat import save_text
 
-        with atomic_output(out / "manifest.json") as tmp:
-            Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        save_text(out / "manifest.json", json.dumps(report.to_dict(), indent=2) + "\n")
     _barrier()
     report.seconds = time.perf_counter() - t_start
     return report
@@ -658,9 +654,8 @@ def compress_checkpoint(
 def _write_dense(path: Path, reader: Any, entries: list[TensorEntry], shard_name: str) -> None:
     """Write one shard's untouched tensors (skipped when an identical file is already there)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from .fileformat import atomic_output
+    from .fileformat import save_safetensors
 
     want = {"source_shard": shard_name, "tensors": json.dumps([[e.name, list(e.shape), e.dtype] for e in entries])}
     if path.is_file():
@@ -671,8 +666,7 @@ def _write_dense(path: Path, reader: Any, entries: list[TensorEntry], shard_name
         except Exception:  # a damaged file is rewritten
             pass
     tensors = {e.name: reader.get(e.name).contiguous() for e in entries}
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=want)
+    save_safetensors(path, tensors, metadata=want)
 
 
 def _emit(callbacks: Sequence[Any], name: str, *args: Any) -> None:

@@ -17,16 +17,21 @@ validates everything before use.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
+import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from .errors import SparsefitError
+from .headers import safetensors_header
 from .operator import GTilde, check_shape
 from .permutations import check_permutations
 
@@ -42,16 +47,55 @@ _FLOAT_DTYPES = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
 }
+#: torch dtype → safetensors dtype code.
+_ST_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic output
+# Output files: never destroy what was there
 # ----------------------------------------------------------------------------------------------
+#: errno values that mean "the disk (or device) refused the data".
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
+#: Paths through these folders name an already-open stream (``/dev/stdout`` → ``/proc/self/fd/1``).
+_FD_FOLDER = re.compile(r"^/(dev|proc/[^/]+)/fd/")
+
+
+def _resolve(p: Path) -> tuple[Path, bool]:
+    """``(final path, is_stream)`` after following symlinks; a path through ``/proc/*/fd`` is a stream."""
+    q = os.path.abspath(p)
+    for _ in range(40):
+        if _FD_FOLDER.match(q):
+            return Path(q), True
+        if not os.path.islink(q):
+            break
+        q = os.path.normpath(os.path.join(os.path.dirname(q), os.readlink(q)))
+    try:
+        mode = os.stat(q).st_mode
+    except FileNotFoundError:
+        return Path(q), False
+    return Path(q), not stat.S_ISREG(mode)
+
+
 def check_output_path(path: str | os.PathLike[str]) -> Path:
     """Fail early (before any long work) if ``path`` cannot be written as a file."""
     p = Path(path)
     if p.is_dir():
         raise SparsefitError(f"output {p} is a directory; give a file name, e.g. {p / 'out.safetensors'}")
+    if p.exists():
+        mode = os.stat(p).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+            raise SparsefitError(f"output {p} is not a regular file, character device or pipe; choose a file name")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise SparsefitError(f"cannot write {p}: folder {parent} does not exist; create it first")
@@ -60,19 +104,101 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _write_failed(p: Path, e: OSError, stream: bool) -> SparsefitError:
+    why = e.strerror or type(e).__name__
+    hint = "free some space or choose another output" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+    left = "the output is incomplete" if stream else f"{p} was left as it was" if p.exists() else "nothing was written"
+    return SparsefitError(f"cannot write {p}: {why} ({hint}); {left}")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary file to write ``path``'s new content into; nothing is lost on failure.
+
+    * A new path or a regular file (also through symlinks): the data goes to a temporary file
+      beside it, renamed onto it only when everything was written. A new file gets the mode a
+      plain ``open(path, "w")`` gives (the umask applies); a replaced file keeps its mode.
+    * A character device, a pipe or ``/dev/stdout``: written into directly (never replaced).
+
+    A full or failing disk raises :class:`SparsefitError` (one line); the temporary file is
+    removed and the previous file is left as it was.
+    """
     p = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent if str(p.parent) else ".")
-    os.close(fd)
+    final, stream = _resolve(p)
+    if stream:
+        try:
+            with open(final, "wb") as f:
+                yield f
+        except OSError as e:
+            raise _write_failed(p, e, True) from None
+        return
+    old = final.stat() if final.exists() else None
+    while True:
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, as open()
+            break
+        except FileExistsError:
+            continue
     try:
-        yield Path(tmp)
-        os.replace(tmp, p)
-    except BaseException:
+        with os.fdopen(fd, "wb") as f:
+            if old is not None:
+                os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode))
+                if (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+                    with contextlib.suppress(OSError):
+                        os.fchown(f.fileno(), old.st_uid, old.st_gid)
+            yield f
+        os.replace(tmp, final)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_failed(p, e, False) from None
         raise
+
+
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (and string ``metadata``) to the open file ``f`` in the safetensors format.
+
+    Streams one tensor at a time (no copy of the whole file in memory). Tensors are stored by
+    decreasing element size, then name, as safetensors does, so the same input gives the same bytes.
+    (``safetensors.torch.save_file`` is not used: it renames its own temporary file onto the path,
+    which would replace a device node, and creates files with mode 0600.)
+    """
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _ST_CODES:
+            raise SparsefitError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for name in names:
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def save_safetensors(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file through :func:`atomic_output`."""
+    with atomic_output(path) as f:
+        write_safetensors(f, tensors, metadata)
+
+
+def save_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a UTF-8 text file (JSON reports, manifests) through :func:`atomic_output`."""
+    with atomic_output(path) as f:
+        f.write(text.encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +297,7 @@ def operator_from_tensors(
         m,
         depth,
         n,
-        seed=int(header.get("seed", 0)),
+        seed=_header_int({"seed": header.get("seed", 0)}, "seed", where),
         sampler=str(header.get("permutation_sampler", "uniform")),
         dtype=blocks.dtype,
         device=device,
@@ -196,15 +322,12 @@ def save(
 
     ``header_extra`` (e.g. ``config=…``, ``metrics=…``) must be JSON-serialisable.
     """
-    from safetensors.torch import save_file
-
     header = make_header(op, has_bias=bias is not None, **header_extra)
     if dtype is not None:
         header["dtype"] = _FLOAT_DTYPES[dtype]
     tensors = operator_tensors(op, bias, dtype=dtype)
     metadata = {"sparsefit": json.dumps(header, sort_keys=True)}
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
     return header
 
 
@@ -213,6 +336,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     from safetensors import safe_open
 
     p = _existing_file(path)
+    safetensors_header(p)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
@@ -243,7 +367,7 @@ def _parse_header(meta: dict[str, str], where: str) -> dict[str, Any]:
         )
     try:
         header = json.loads(meta["sparsefit"])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise SparsefitError(f"{where}: the sparsefit header is not valid JSON; the file is corrupt") from None
     if not isinstance(header, dict):
         raise SparsefitError(f"{where}: the sparsefit header is not a JSON object; the file is corrupt")

@@ -18,6 +18,15 @@ import numpy as np
 import torch
 
 from .errors import SparsefitError
+from .headers import (
+    ZIP_ERRORS,
+    mtx_header,
+    read_npy_file,
+    read_npz_member,
+    safetensors_header,
+    sparse_dim_limit,
+    zip_members,
+)
 
 #: File suffixes :func:`load_target` understands.
 SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth", ".bin", ".mtx")
@@ -210,6 +219,8 @@ def check_matrix(t: torch.Tensor | np.ndarray, name: str = "matrix") -> torch.Te
             raise SparsefitError(f"{name}: complex entries are not supported; give a real matrix")
         if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.number):
             raise SparsefitError(f"{name}: entries have dtype {t.dtype}; give a real numeric matrix")
+        if not t.dtype.isnative:  # e.g. a big-endian .npy; torch reads native byte order only
+            t = t.astype(t.dtype.newbyteorder("="))
         t = torch.from_numpy(np.ascontiguousarray(t))
     if t.is_complex():
         raise SparsefitError(f"{name}: complex entries are not supported; give a real matrix")
@@ -280,22 +291,13 @@ def load_target(path: str | os.PathLike[str], key: str | None = None) -> Target:
 
 
 def read_npy(p: Path) -> np.ndarray:
-    """``numpy.load`` without pickles, with one-line errors for foreign, truncated or object files."""
+    """A ``.npy`` file without pickles; its header is checked against the file's length before
+    anything is allocated (one-line errors for foreign, truncated, corrupt or object files)."""
     if not p.exists():
         raise SparsefitError(f"{p}: no such file")
     if p.is_dir():
         raise SparsefitError(f"{p} is a directory; give a .npy file")
-    with open(p, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":
-            raise SparsefitError(f"{p}: not a readable .npy file (no NumPy header); was it saved with numpy.save?")
-    try:
-        return np.load(p, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise SparsefitError(f"{p}: array holds Python objects; save a numeric array") from None
-        raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)}); is it truncated?") from None
-    except (OSError, EOFError) as e:
-        raise SparsefitError(f"{p}: not a readable .npy file ({_first_line(e)}); is it truncated?") from None
+    return read_npy_file(p)
 
 
 def _first_line(e: BaseException) -> str:
@@ -322,30 +324,71 @@ def _pick(items: dict[str, Any], key: str | None, p: Path) -> tuple[str, Any]:
     raise SparsefitError(f"{p}: holds {len(items)} tensors; choose one with --key (available: {shown})")
 
 
-def _load_npz(p: Path, key: str | None) -> Target:
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            names = list(z.files)
-            if {"format", "shape", "data"} <= set(names) and key is None:
-                import scipy.sparse as sp
+#: The members of a scipy.sparse ``.npz`` (``scipy.sparse.save_npz``) by format.
+_SPARSE_NPZ = {
+    "csr": ("data", "indices", "indptr"),
+    "csc": ("data", "indices", "indptr"),
+    "coo": ("data", "row", "col"),
+}
 
-                return SparseTarget(sp.load_npz(p), str(p))
-            k, _ = _pick({n: None for n in names}, key, p)
-            arr = z[k]
+
+def _load_npz(p: Path, key: str | None) -> Target:
+    """A ``.npz``: one dense array (``key`` picks one of several) or a scipy.sparse matrix.
+
+    Every member's claimed sizes are checked against the archive before it is read; never unpickles.
+    """
+    try:
+        size = p.stat().st_size
+        with zipfile.ZipFile(p) as zf:
+            members = {n.removesuffix(".npy"): i for n, i in zip_members(zf, size, str(p)).items()}
+            if {"format", "shape", "data"} <= set(members) and key is None:
+                arrays = {n: read_npz_member(zf, i, f"{p}[{n}]") for n, i in members.items()}
+                return SparseTarget(_sparse_from_arrays(arrays, size, p), str(p))
+            k, info = _pick(members, key, p)
+            arr = read_npz_member(zf, info, f"{p}[{k}]")
     except SparsefitError:
         raise
-    except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise SparsefitError(f"{p}: array holds Python objects; save a numeric array") from None
-        raise SparsefitError(f"{p}: not a readable .npz file ({_first_line(e)})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except ZIP_ERRORS as e:
         raise SparsefitError(f"{p}: not a readable .npz file ({_first_line(e)}); is it truncated?") from None
     return DenseTarget(check_matrix(arr, f"{p}[{k}]"), f"{p}[{k}]")
+
+
+def _sparse_from_arrays(arrays: dict[str, np.ndarray], size: int, p: Path) -> Any:
+    """A scipy.sparse matrix from the arrays of a ``save_npz`` file, with every index checked."""
+    import scipy.sparse as sp
+
+    fmt = arrays["format"]
+    fmt = fmt.item() if fmt.shape == () and fmt.dtype.kind in "SU" else None
+    fmt = fmt.decode("latin1") if isinstance(fmt, bytes) else fmt
+    if fmt not in _SPARSE_NPZ:
+        raise SparsefitError(f"{p}: sparse format {fmt!r} is not supported; save a csr, csc or coo matrix")
+    shape = arrays["shape"]
+    limit = sparse_dim_limit(size)
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or shape.min() < 0 or shape.max() > limit:
+        raise SparsefitError(f"{p}: the sparse shape {shape.tolist()} is not valid for a {size:,}-byte file")
+    missing = [n for n in _SPARSE_NPZ[fmt] if n not in arrays]
+    if missing:
+        raise SparsefitError(f"{p}: the {fmt} matrix has no {missing[0]!r} array; the file is corrupt")
+    data, i1, i2 = (arrays[n] for n in _SPARSE_NPZ[fmt])
+    if any(a.ndim != 1 for a in (data, i1, i2)) or i1.dtype.kind not in "iu" or i2.dtype.kind not in "iu":
+        raise SparsefitError(f"{p}: the {fmt} arrays have the wrong dimensions or dtypes; the file is corrupt")
+    shape_t = (int(shape[0]), int(shape[1]))
+    try:
+        if fmt == "coo":
+            if len(i1) != len(data) or len(i2) != len(data):
+                raise ValueError("row, col and data have different lengths")
+            return sp.coo_matrix((data, (i1, i2)), shape=shape_t)
+        m = (sp.csr_matrix if fmt == "csr" else sp.csc_matrix)((data, i1, i2), shape=shape_t)
+        m.check_format(full_check=True)
+        return m
+    except (ValueError, TypeError, IndexError, OverflowError) as e:
+        raise SparsefitError(f"{p}: not a valid {fmt} matrix ({_first_line(e)}); the file is corrupt") from None
 
 
 def _load_safetensors(p: Path, key: str | None) -> Target:
     from safetensors import safe_open
 
+    safetensors_header(p)
     try:
         with safe_open(str(p), framework="pt") as f:
             names = list(f.keys())
@@ -361,11 +404,24 @@ def _load_safetensors(p: Path, key: str | None) -> Target:
 def load_state_dict_file(p: Path, mmap: bool = False) -> Any:
     """``torch.load(p, weights_only=True)`` with refusals turned into one-line errors.
 
-    ``mmap=True`` maps the tensors' storage instead of reading it (zip-format files; the legacy
-    format falls back to a plain read).
+    Only zip-format files (PyTorch >= 1.6) are read, after every member's claimed size was checked
+    against the file. ``mmap=True`` maps the tensors' storage instead of reading it.
     """
     import pickle
 
+    try:
+        size = p.stat().st_size
+        if not zipfile.is_zipfile(p):
+            raise SparsefitError(
+                f"{p}: not a zip-format PyTorch file (PyTorch >= 1.6 writes zip files); the legacy format is "
+                "not read because its headers cannot be checked before loading; re-save it with a current torch.save"
+            )
+        with zipfile.ZipFile(p) as zf:
+            zip_members(zf, size, str(p))
+    except SparsefitError:
+        raise
+    except ZIP_ERRORS as e:
+        raise SparsefitError(f"{p}: not a readable PyTorch file ({_first_line(e)[:160]}); is it truncated?") from None
     try:
         with warnings.catch_warnings():
             # files pickled with protocol > 2 trigger an advisory warning before the safe unpickler runs
@@ -382,7 +438,7 @@ def load_state_dict_file(p: Path, mmap: bool = False) -> Any:
             f"{p}: refused to load: the file contains Python objects other than tensors ({_first_line(e)[:120]}); "
             "only plain state dicts are read (weights_only=True)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # torch raises many types for corrupt archives; none is the user's bug
         raise SparsefitError(f"{p}: not a readable PyTorch file ({_first_line(e)[:160]}); is it truncated?") from None
 
 
@@ -399,14 +455,63 @@ def _load_torch(p: Path, key: str | None) -> Target:
 
 
 def _load_mtx(p: Path, key: str | None) -> Target:
-    import scipy.io
+    _reject_key(key, p)
+    m = read_mtx(p)
+    return SparseTarget(m, str(p)) if not isinstance(m, np.ndarray) else DenseTarget(check_matrix(m, str(p)), str(p))
+
+
+def read_mtx(p: Path) -> Any:
+    """A real Matrix Market file: a scipy COO matrix (coordinate) or an ndarray (array).
+
+    The header is checked against the file's size first. (``scipy.io.mmread`` is not used: its
+    fast_matrix_market reader crashes the process on some truncated files, e.g. one ending in
+    ``1.5E``.)
+    """
     import scipy.sparse as sp
 
-    _reject_key(key, p)
+    h = mtx_header(p)
+    if h.field not in ("real", "integer", "pattern", "double"):
+        raise SparsefitError(f"{p}: Matrix Market field {h.field!r} is not supported; give a real matrix")
+    if h.symmetry not in ("general", "symmetric", "skew-symmetric"):
+        raise SparsefitError(f"{p}: Matrix Market symmetry {h.symmetry!r} is not supported")
+    if h.symmetry != "general" and h.rows != h.cols:
+        raise SparsefitError(f"{p}: a {h.symmetry} matrix must be square, the header says {h.rows} × {h.cols}")
+    ncols = (2 if h.field == "pattern" else 3) if h.layout == "coordinate" else 1
     try:
-        m = scipy.io.mmread(str(p))
-    except Exception as e:  # scipy raises ValueError/OSError/IndexError for malformed files
-        raise SparsefitError(f"{p}: not a readable Matrix Market file ({_first_line(e)})") from None
-    if sp.issparse(m):
-        return SparseTarget(m, str(p))
-    return DenseTarget(check_matrix(np.asarray(m), str(p)), str(p))
+        with open(p, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data" for an empty body
+            f.seek(h.body)
+            rows = np.loadtxt(f, dtype=np.float64, comments="%", ndmin=2, max_rows=h.stored)
+            rest = f.read(1 << 16)
+    except (ValueError, OSError) as e:
+        raise SparsefitError(f"{p}: not a readable Matrix Market file ({_first_line(e)[:120]})") from None
+    if rows.shape[0] != h.stored or (h.stored and rows.shape[1] != ncols) or rest.strip(b" \t\r\n"):
+        raise SparsefitError(
+            f"{p}: the header says {h.stored:,} entries of {ncols} numbers, the file holds {rows.shape[0]:,} "
+            f"rows of {rows.shape[1] if rows.size else 0}; it is truncated or corrupt"
+        )
+    sign = -1.0 if h.symmetry == "skew-symmetric" else 1.0
+    if h.layout == "array":
+        if h.symmetry == "general":
+            return rows[:, 0].reshape(h.cols, h.rows).T.copy()
+        a = np.zeros((h.rows, h.cols))
+        lo = np.tril_indices(h.rows, 0 if h.symmetry == "symmetric" else -1)
+        order = np.lexsort((lo[0], lo[1]))  # the file lists the lower triangle column by column
+        a[lo[0][order], lo[1][order]] = rows[:, 0]
+        return a + sign * np.tril(a, -1).T
+    i, j = rows[:, 0], rows[:, 1]
+    if h.stored and (
+        (i != np.round(i)).any()
+        or (j != np.round(j)).any()
+        or i.min() < 1
+        or j.min() < 1
+        or i.max() > h.rows
+        or j.max() > h.cols
+    ):
+        raise SparsefitError(f"{p}: an entry's row or column is outside the {h.rows} × {h.cols} matrix")
+    v = np.ones(h.stored) if h.field == "pattern" else rows[:, 2]
+    i, j = i.astype(np.int64) - 1, j.astype(np.int64) - 1
+    if h.symmetry != "general":
+        off = i != j
+        i, j, v = np.concatenate([i, j[off]]), np.concatenate([j, i[off]]), np.concatenate([v, sign * v[off]])
+    return sp.coo_matrix((v, (i, j)), shape=(h.rows, h.cols))

@@ -1,5 +1,10 @@
+import errno
 import json
+import os
+import stat
+import threading
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -127,19 +132,118 @@ def test_garbage_and_missing(tmp_path):
 def test_atomic_output_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out.bin"
     with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
-            tmp.write_bytes(b"partial")
+        with atomic_output(target) as f:
+            f.write(b"partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_output_replaces_existing(tmp_path):
+def test_atomic_output_replaces_existing_and_keeps_its_mode(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    with atomic_output(target) as tmp:
-        tmp.write_bytes(b"new")
+    os.chmod(target, 0o640)
+    with atomic_output(target) as f:
+        f.write(b"new")
     assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_new_output_files_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save(tmp_path / "g.safetensors", _op(k=8, m=8, depth=2))
+        fileformat.save_text(tmp_path / "r.json", "{}\n")
+        os.umask(0o027)
+        fileformat.save_text(tmp_path / "s.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "g.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == 0o640
+
+
+def test_output_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    fileformat.save_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "g.safetensors"
+    save(target, _op(k=8, m=8, depth=2))
+    before = target.read_bytes()
+
+    def half_then_full(f, tensors, metadata=None):
+        f.write(b"x" * 100)
+        _disk_full()
+
+    monkeypatch.setattr(fileformat, "write_safetensors", half_then_full)
+    with pytest.raises(SparsefitError, match=r"No space left on device.*left as it was") as e:
+        save(target, _op(k=8, m=8, depth=3))
+    assert "\n" not in str(e.value)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]
+
+
+def test_disk_full_on_a_new_file_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(np.lib.format, "write_array", _disk_full)
+    with pytest.raises(SparsefitError, match="No space left on device.*nothing was written"):
+        with atomic_output(tmp_path / "a.npy") as f:
+            np.save(f, np.zeros(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
+def test_character_devices_are_written_into_not_replaced(tmp_path):
+    null = tmp_path / "null"
+    full = tmp_path / "full"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    save(null, _op(k=8, m=8, depth=2))
+    assert stat.S_ISCHR(null.stat().st_mode)
+    with pytest.raises(SparsefitError, match="No space left on device.*incomplete"):
+        save(full, _op(k=8, m=8, depth=2))
+    assert stat.S_ISCHR(full.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "null"]
+
+
+def test_fifo_is_streamed(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    fileformat.save_text(fifo, "hello\n")
+    reader.join(10)
+    assert got == [b"hello\n"] and stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_written_safetensors_read_back_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g, dtype=torch.float64),
+        "b": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int32).reshape(2, 3),
+        "d": torch.tensor(True),
+        "e": torch.zeros(0, 4),
+        "f": torch.randn(4, 4, generator=g).t(),  # not contiguous
+    }
+    fileformat.save_safetensors(tmp_path / "t.safetensors", tensors, {"k": "v"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    first = (tmp_path / "t.safetensors").read_bytes()
+    fileformat.save_safetensors(tmp_path / "t.safetensors", dict(reversed(tensors.items())), {"k": "v"})
+    assert (tmp_path / "t.safetensors").read_bytes() == first
 
 
 def test_output_path_checks(tmp_path, monkeypatch):

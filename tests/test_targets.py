@@ -137,7 +137,7 @@ def test_truncated_npy(tmp_path):
     np.save(tmp_path / "a.npy", RNG.standard_normal((64, 64)))
     data = (tmp_path / "a.npy").read_bytes()
     (tmp_path / "a.npy").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SparsefitError, match="not a readable"):
+    with pytest.raises(SparsefitError, match="truncated"):
         load_target(tmp_path / "a.npy")
 
 

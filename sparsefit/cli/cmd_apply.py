@@ -50,7 +50,6 @@ def apply_command(
     x = read_vectors(vectors, layer.in_features).to(device=device, dtype=layer.operator.blocks.dtype)
     with torch.no_grad():
         y = layer(x).cpu().numpy()
-    with atomic_output(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, y)
+    with atomic_output(out) as f:
+        np.save(f, y)
     err_console.print(f"wrote {out} ({y.shape[0]} × {y.shape[1]})", highlight=False)

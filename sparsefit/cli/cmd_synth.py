@@ -24,7 +24,6 @@ def synth_command(
 ) -> None:
     """Make one of the note's test matrices (lowrank, band, sparse, perm) or dct/hadamard/gaussian."""
     a = synth(kind, size, k, seed)
-    with atomic_output(output) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, a)
+    with atomic_output(output) as f:
+        np.save(f, a)
     err_console.print(f"wrote {output} ({kind}, {size} × {size})", highlight=False)

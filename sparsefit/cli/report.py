@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..fileformat import atomic_output, check_output_path
+from ..fileformat import check_output_path, save_text
 from .app import err_console
 
 
@@ -82,8 +81,7 @@ def emit_json(path: str | None, payload: dict[str, Any]) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
         return
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(text + "\n")
+    save_text(path, text + "\n")
 
 
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
