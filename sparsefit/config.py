@@ -4,12 +4,65 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 from .errors import SparsefitError
 
 CONFIG_VERSION = 1
+
+C = TypeVar("C", bound="VersionedConfig")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready form of a config field: nested configs and dataclasses as dicts, tuples as lists."""
+    if isinstance(value, VersionedConfig):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class VersionedConfig:
+    """The one to/from-dict of sparsefit's frozen config dataclasses.
+
+    ``to_dict`` writes every field (nested configs as dicts, tuples as lists) plus ``"version"``;
+    ``from_dict`` is strict: unknown keys and versions newer than :attr:`VERSION` raise
+    :class:`SparsefitError`, older versions go through :meth:`upgrade`, and the dataclass's own
+    ``__post_init__`` validates (and converts lists back to tuples, dicts to nested configs).
+    """
+
+    KIND: ClassVar[str] = "config"
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        d["version"] = self.VERSION
+        return d
+
+    @classmethod
+    def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
+        """Rewrite a dict written at an older ``version`` into the current keys (none so far)."""
+        return d
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        if not isinstance(d, dict):
+            raise SparsefitError(f"a {cls.KIND} must be a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        version = d.pop("version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or not (1 <= version <= cls.VERSION):
+            raise SparsefitError(
+                f"{cls.KIND} version {version!r} is not supported (this sparsefit reads 1 to {cls.VERSION}); upgrade sparsefit"
+            )
+        d = cls.upgrade(d, version)
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown:
+            raise SparsefitError(f"unknown {cls.KIND} keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -101,7 +154,7 @@ DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
-class FitConfig:
+class FitConfig(VersionedConfig):
     """How to fit G~ to a target.
 
     Defaults reproduce the note's protocol: 12000 online Adam steps on fresh Gaussian probes,
@@ -129,7 +182,9 @@ class FitConfig:
     eval_every: int = 100
     init: str = "random"
     loss: str = "probes"
-    version: int = field(default=CONFIG_VERSION)
+
+    KIND: ClassVar[str] = "fit config"
+    VERSION: ClassVar[int] = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.depth is not None and self.depth < 1:
@@ -188,20 +243,10 @@ class FitConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Every field, with the schedule written out as its phases (so the file says what ran)."""
+        d = super().to_dict()
         d["phases"] = [dataclasses.asdict(p) for p in self.resolved_phases()]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SparsefitError(f"unknown fit config keys: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        if d.get("phases") is not None:
-            d["phases"] = tuple(Phase(**p) for p in d["phases"])
-        return cls(**d)
 
 
 def resolve_depth(depth: int | None, width: int) -> int:

@@ -20,7 +20,6 @@ from sparsefit.compress import (
     Interrupted,
     compress_checkpoint,
     compress_matrix,
-    deepen,
     load_compressed,
     select_layers,
 )
@@ -135,18 +134,29 @@ def test_width_modes_and_cap():
     assert CompressConfig.from_dict(d).to_dict() == d
 
 
+@pytest.mark.parametrize(
+    "change, msg",
+    [
+        ({"version": 99}, "version 99 is not supported"),
+        ({"colour": 1}, "unknown compress config keys: colour"),
+        ({"fit": {"steps": 5, "version": 7}}, "fit config version 7"),
+        ({"fit": {"steps": 5, "depth": 3}}, "not on its fit config"),
+    ],
+)
+def test_config_dicts_are_strict_and_versioned(change, msg):
+    d = {**CompressConfig(depth=2).to_dict(), **change}
+    with pytest.raises(sparsefit.SparsefitError, match=msg):
+        CompressConfig.from_dict(d)
+
+
+def test_version_1_config_dict_still_reads():
+    old = {"include": [], "exclude": [], "depth": 3, "target_error": None, "max_params_ratio": 0.5, "width": "tight"}
+    old.update(min_depth=None, growth=2.0, calibration=None, version=1)
+    old["fit"] = {**sparsefit.FitConfig(steps=10).to_dict(), "depth": None, "width": None}
+    assert CompressConfig.from_dict(old).depth == 3
+
+
 # ---- one layer ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra", [0, 1, 4, 5])
-def test_deepen_keeps_the_operator(extra):
-    op = sparsefit.GTilde(9, 13, depth=3, seed=2, dtype=torch.float64)
-    with torch.no_grad():
-        op.blocks.add_(0.1 * torch.randn_like(op.blocks))
-    deeper = deepen(op, 3 + extra, seed=1)
-    assert deeper.depth == 3 + extra
-    assert torch.allclose(deeper.to_dense(), op.to_dense(), atol=1e-12)
-    assert torch.equal(deeper.perms[:3], op.perms)
-
-
 def test_target_error_climbs_the_ladder_and_rescales():
     torch.manual_seed(0)
     a = 7.0 * torch.randn(12, 12)
@@ -336,7 +346,7 @@ BAD = [
     (["compress", "model", "-o", "nodir/o"], "does not exist"),
     (["compress", "model"], "--output"),
     (["compress", "model", "-o", "o", "--depth", "0"], "depth must be at least 1"),
-    (["compress", "model", "-o", "o", "--target-error", "0.1", "--depth", "3"], "not both"),
+    (["compress", "model", "-o", "o", "--target-error", "0.1", "--depth", "3"], "not several"),
     (["compress", "model", "-o", "o", "--width", "odd"], "width"),
     (["compress", "model", "-o", "o", "--calibration", "calib.safetensors"], "no activations"),
 ]
@@ -359,7 +369,7 @@ def test_bad_input(tmp_path, monkeypatch, args, msg):
 def test_missing_depth_rule(sharded, tmp_path):
     src, _, _ = sharded
     r = run("compress", src, "-o", tmp_path / "o", "--quiet")
-    assert r.exit_code == 2 and "--depth or --target-error" in r.stderr
+    assert r.exit_code == 2 and "--depth, --target-error or --keep" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

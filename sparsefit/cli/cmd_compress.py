@@ -15,9 +15,8 @@ from ..compress import (
     LayerPlan,
     LayerRecord,
     compress_checkpoint,
-    dist_info,
-    init_distributed_from_env,
     plan_checkpoint,
+    torchrun_session,
     verify_compressed,
 )
 from ..config import FitConfig
@@ -135,6 +134,10 @@ def compress_command(
     target_error: Annotated[
         float | None, typer.Option(help="Per layer, the smallest depth reaching this relative error.")
     ] = None,
+    keep: Annotated[
+        float | None,
+        typer.Option(help="Global budget: fraction of the selected layers' parameters kept, in (0, 1]."),
+    ] = None,
     max_params_ratio: Annotated[
         float, typer.Option(help="Cap: G~ parameters at most this fraction of the dense layer's.")
     ] = 0.5,
@@ -168,6 +171,7 @@ def compress_command(
         exclude=tuple(exclude or ()),
         depth=depth,
         target_error=target_error,
+        keep=keep,
         max_params_ratio=max_params_ratio,
         width=width,
         min_depth=min_depth,
@@ -202,10 +206,8 @@ def compress_command(
         return
     if output is None:
         raise SparsefitError("give the output folder with -o/--output (or use --dry-run)")
-    started = init_distributed_from_env()
-    rank, _ = dist_info()
-    quiet = quiet or rank != 0
-    try:
+    with torchrun_session() as (rank, _):
+        quiet = quiet or rank != 0
         with LayerProgress(quiet=quiet or json_out == "-") as progress:
             try:
                 report = compress_checkpoint(source, output, config, [progress])
@@ -217,11 +219,6 @@ def compress_command(
                 )
                 raise typer.Exit(130) from None
         checks = verify_compressed(output, source, seed=seed) if verify and rank == 0 else None
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank != 0:
         return
     if not quiet and json_out != "-":

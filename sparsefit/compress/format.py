@@ -1,0 +1,104 @@
+"""The compressed folder's files: manifest, one safetensors file per selected layer.
+
+Folder layout (format ``sparsefit.compressed``)::
+
+    manifest.json                       format, format_version, config, one record per layer, totals
+    layers/00000.safetensors            one file per selected layer: the replacement's tensors
+                                        (for G~ of weight `X.weight`: `X.blocks`, `X.permutations`)
+                                        or `X.weight` itself when the layer stayed dense; the
+                                        layer record as JSON metadata (key "sparsefit")
+    dense-00001-of-00002.safetensors    the untouched tensors, one file per input shard
+    config.json, tokenizer files, …     copied through from a model folder
+
+Version history: 1 — G~ or dense layers; 2 — records carry ``structure`` and ``transposed``
+(GPT-2 ``Conv1D`` weights stored ``(in, out)``). Version-1 folders load unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SparsefitError
+from ..operator import GTilde
+
+MANIFEST_FORMAT = "sparsefit.compressed"
+MANIFEST_VERSION = 2
+LAYER_FORMAT = MANIFEST_FORMAT + ".layer"
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``manifest.json`` of a compressed folder."""
+    p = Path(path)
+    mpath = p / "manifest.json" if p.is_dir() else p
+    if not mpath.is_file():
+        if p.is_dir() and (p / "layers").is_dir():
+            raise SparsefitError(f"{p}: the compression is unfinished (no manifest.json); rerun compress to resume it")
+        raise SparsefitError(f"{p}: not a compressed model folder (no manifest.json)")
+    try:
+        man = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise SparsefitError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
+        raise SparsefitError(f"{mpath}: not a {MANIFEST_FORMAT} manifest")
+    v = man.get("format_version")
+    if not isinstance(v, int) or not (1 <= v <= MANIFEST_VERSION):
+        raise SparsefitError(f"{mpath}: format_version {v!r} is not supported; upgrade sparsefit")
+    return man
+
+
+def read_layer_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a finished layer file, or None when absent or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        header = json.loads(meta["sparsefit"])
+    except Exception:  # a foreign or damaged file is simply redone
+        return None
+    return header if isinstance(header, dict) and header.get("format") == LAYER_FORMAT else None
+
+
+def write_layer(
+    path: Path, module: str, record: dict[str, Any], op: GTilde | None, dense: torch.Tensor, weight_name: str, key: dict
+) -> None:
+    """Write one layer file atomically: ``op``'s tensors, or ``dense`` (as stored) when ``op`` is None."""
+    from ..fileformat import make_header, operator_tensors, save_safetensors
+
+    header: dict[str, Any] = {"format": LAYER_FORMAT, "format_version": MANIFEST_VERSION, "key": key, "record": record}
+    if op is not None:
+        tensors = operator_tensors(op, prefix=module + ".")
+        header["operator"] = make_header(op, has_bias=False)
+    else:
+        tensors = {weight_name: dense.contiguous()}
+    save_safetensors(path, tensors, metadata={"sparsefit": json.dumps(header, sort_keys=True)})
+
+
+def load_layer(folder: Path, rec: dict[str, Any], device: Any = None) -> tuple[GTilde | None, dict[str, torch.Tensor]]:
+    """One layer file: ``(operator, {})`` for a compressed layer, ``(None, {weight name: tensor})`` for a dense one."""
+    import re
+
+    from safetensors.torch import load_file
+
+    from ..fileformat import operator_from_tensors
+
+    path = folder / rec["file"]
+    header = read_layer_header(path)
+    if header is None:
+        raise SparsefitError(f"{path}: missing or not a sparsefit layer file")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise SparsefitError(f"{path}: cannot read tensors ({e}); the file may be truncated") from None
+    if rec["status"] != "compressed":
+        return None, tensors
+    module = re.sub(r"\.weight$", "", rec["name"])
+    op, _ = operator_from_tensors(tensors, header["operator"], prefix=module + ".", where=str(path), device=device)
+    return op, {}

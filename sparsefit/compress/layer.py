@@ -1,0 +1,164 @@
+"""One layer: fit a replacement for one ``out × in`` weight and describe it in a :class:`LayerRecord`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..autosize import extend_operator
+from ..errors import SparsefitError
+from ..operator import GTilde
+from .config import CompressConfig
+
+
+@dataclass
+class LayerRecord:
+    """The outcome for one selected weight (one entry of the manifest)."""
+
+    name: str
+    shape: tuple[int, int]
+    dtype: str
+    status: str  # "compressed" or "dense"
+    depth: int | None
+    width: int
+    params_before: int
+    params_after: int
+    relative_error: float | None
+    relative_error_method: str | None
+    data_relative_error: float | None
+    svd_rank: int | None
+    svd_relative_error: float | None
+    depths_tried: list[int]
+    errors_tried: list[float]
+    seconds: float
+    reason: str = ""
+    file: str = ""
+    rank: int = 0
+    structure: str = "gtilde"  # "gtilde" or "dense" (more structures: see sparsefit.compress.structures)
+    transposed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        rec = cls(**{k: v for k, v in d.items() if k in known})
+        rec.shape = tuple(rec.shape)  # type: ignore[assignment]
+        if "structure" not in d:  # format version 1 records
+            rec.structure = "gtilde" if rec.status == "compressed" else "dense"
+        return rec
+
+
+class Interrupted(KeyboardInterrupt):
+    """A fit was stopped (Ctrl-C); finished layers are on disk and the run can be resumed."""
+
+
+def compress_matrix(
+    a: torch.Tensor,
+    config: CompressConfig,
+    *,
+    name: str = "matrix",
+    probes: Any = None,
+    callbacks: Sequence[Any] = (),
+    max_params: int | None = None,
+) -> tuple[LayerRecord, GTilde | None]:
+    """Fit G~ to one weight ``a: (out, in)`` per ``config``; returns ``(record, operator or None if dense)``.
+
+    The fit runs on ``a / s`` with ``s = ||a||_F / sqrt(min(out, in))`` (mean squared singular
+    value 1, the scale of the orthogonal start the schedule was made for); the last layer's blocks
+    are multiplied by ``s`` afterwards. ``probes`` (an :class:`~sparsefit.calibration.ActivationProbes`)
+    makes the fit data-aware and the target error refer to its held-out rows. ``max_params``
+    (budget mode): the deepest G~ with at most this many parameters is fitted.
+    """
+    from ..fitting import fit
+
+    if not config.has_rule and max_params is None:
+        raise SparsefitError("give --depth, --target-error or --keep (the depth rule for every layer)")
+    m, k = a.shape
+    if max_params is None and config.keep is not None:  # one uniform ratio until a budget allocator gives more
+        max_params = int(config.keep * m * k)
+    width = config.layer_width(m, k)
+    cap = config.max_depth(m, k) if max_params is None else max_params // (2 * width)
+    a = a.detach().to("cpu", torch.float32)
+    rec = LayerRecord(
+        name,
+        (m, k),
+        "",
+        "dense",
+        None,
+        width,
+        m * k,
+        m * k,
+        None,
+        None,
+        None,
+        None,
+        None,
+        [],
+        [],
+        0.0,
+        structure="dense",
+    )
+    if cap < 1:
+        limit = f"{config.max_params_ratio:g}×{m * k}" if max_params is None else str(max_params)
+        rec.reason = f"even depth 1 ({2 * width} params) exceeds the cap of {limit}"
+        return rec, None
+    if max_params is not None:
+        depths = [cap]
+    elif config.depth is not None:
+        depths = [config.depth]
+    else:
+        depths = config.ladder(m, k)
+    if max_params is None and config.depth is not None and config.depth > cap:
+        rec.reason = f"depth {config.depth} exceeds the cap (max depth {cap} at ratio {config.max_params_ratio:g})"
+        return rec, None
+    norm = float(torch.linalg.norm(a.double()))
+    scale = norm / math.sqrt(min(m, k)) if norm > 0 else 1.0
+    target = a / scale
+    t0 = time.perf_counter()
+    prev: GTilde | None = None
+    chosen = None
+    for d in depths:
+        init = extend_operator(prev, d, seed=config.fit.seed + d) if prev is not None else None
+        fc = config.fit.replace(depth=d, width=width)
+        result = fit(target, fc, callbacks, init=init, probes=probes)
+        if result.interrupted:
+            raise Interrupted(name)
+        err = result.metrics.relative_error
+        data_err = None
+        if probes is not None:
+            from ..calibration import data_relative_error
+
+            data_err = data_relative_error(result.operator, target, probes.holdout)
+        judged = data_err if data_err is not None else err
+        rec.depths_tried.append(d)
+        rec.errors_tried.append(judged)
+        chosen = (result, data_err)
+        if config.target_error is None or judged <= config.target_error:
+            break
+        prev = result.operator
+    rec.seconds = time.perf_counter() - t0
+    assert chosen is not None
+    result, data_err = chosen
+    met = result.metrics
+    rec.depth, rec.relative_error, rec.relative_error_method = met.depth, met.relative_error, met.relative_error_method
+    rec.data_relative_error = data_err
+    rec.svd_rank, rec.svd_relative_error = met.svd_rank, met.svd_relative_error
+    if config.target_error is not None and rec.errors_tried[-1] > config.target_error:
+        rec.reason = f"target {config.target_error:g} not met within the cap: best {min(rec.errors_tried):.4g} at depth {rec.depths_tried[-1]}"
+        return rec, None
+    op = result.operator.cpu()
+    with torch.no_grad():
+        op.blocks[-1].mul_(scale)
+    rec.status, rec.structure = "compressed", "gtilde"
+    rec.params_after = op.num_parameters
+    return rec, op

@@ -1,0 +1,228 @@
+"""The checkpoint workflow: :func:`compress_checkpoint` writes a compressed folder layer by layer.
+
+One shard and one weight are in memory at a time. Per-layer files are written atomically and
+carry the settings that produced them, so an interrupted run resumes: layers whose file is there
+with matching settings are skipped. Layers are split round-robin across ``torch.distributed``
+ranks (``torchrun``, see :mod:`.distributed`); rank 0 writes the untouched tensors and, after a
+barrier, the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import FLOAT_DTYPES, Checkpoint, TensorEntry, copy_passthrough, open_checkpoint
+from ..errors import SparsefitError
+from ..fitting import _emit as emit
+from .config import CompressConfig, LayerPlan, select_layers
+from .distributed import barrier, dist_info
+from .format import MANIFEST_FORMAT, MANIFEST_VERSION, read_layer_header, write_layer
+from .layer import LayerRecord, compress_matrix
+
+
+@dataclass
+class CompressReport:
+    """What :func:`compress_checkpoint` did (``layers`` in selection order)."""
+
+    source: str
+    output: str | None
+    layers: list[LayerRecord]
+    total_params: int
+    dense_files: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def params_saved(self) -> int:
+        return sum(r.params_before - r.params_after for r in self.layers)
+
+    @property
+    def kept_fraction(self) -> float:
+        """Parameters of the selected layers after / before."""
+        before = sum(r.params_before for r in self.layers)
+        return sum(r.params_after for r in self.layers) / before if before else 1.0
+
+    def totals(self) -> dict[str, Any]:
+        sel_before = sum(r.params_before for r in self.layers)
+        sel_after = sum(r.params_after for r in self.layers)
+        return {
+            "selected_layers": len(self.layers),
+            "compressed_layers": sum(r.status == "compressed" for r in self.layers),
+            "selected_params_before": sel_before,
+            "selected_params_after": sel_after,
+            "model_params_before": self.total_params,
+            "model_params_after": self.total_params - sel_before + sel_after,
+            "params_saved": sel_before - sel_after,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "source": self.source,
+            "output": self.output,
+            "complete": True,
+            "config": self.config,
+            "totals": self.totals(),
+            "kept_fraction": self.kept_fraction,
+            "layers": [r.to_dict() for r in self.layers],
+            "dense_files": self.dense_files,
+            "copied": self.copied,
+            "resumed_layers": self.skipped,
+            "seconds": self.seconds,
+        }
+
+
+def plan_checkpoint(source: str | os.PathLike[str], config: CompressConfig) -> tuple[Checkpoint, list[LayerPlan]]:
+    """Open and validate ``source`` and the selection (no fitting, nothing written): the dry run."""
+    ckpt = open_checkpoint(source)
+    plans = select_layers(ckpt.entries, config)
+    if config.calibration is not None:
+        from ..calibration import Calibration
+
+        calib = Calibration(config.calibration)
+        for p in plans:
+            calib.check(p.name, p.shape[1])
+    return ckpt, plans
+
+
+def _layer_key(config: CompressConfig, plan: LayerPlan, calib_fp: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "name": plan.name,
+        "shape": list(plan.entry.shape),
+        "dtype": plan.entry.dtype,
+        "settings": config.fit_key(),
+        "calibration": calib_fp,
+    }
+
+
+def prepare_output(output: Path) -> None:
+    """Refuse an output path that is a file, or a non-empty folder that is not a compress output."""
+    if output.exists() and not output.is_dir():
+        raise SparsefitError(f"output {output} is a file; give a folder (it will be created)")
+    if (
+        output.is_dir()
+        and any(output.iterdir())
+        and not (output / "manifest.json").exists()
+        and not (output / "layers").is_dir()
+    ):
+        raise SparsefitError(f"output folder {output} is not empty and holds no sparsefit compression; choose another")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise SparsefitError(f"cannot create {output}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SparsefitError(f"cannot create {output}: permission denied")
+
+
+def compress_checkpoint(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    config: CompressConfig,
+    callbacks: Sequence[Any] = (),
+) -> CompressReport:
+    """Compress the selected weights of ``source`` into the folder ``output`` (see :mod:`sparsefit.compress`).
+
+    callbacks: objects with optional ``on_plan(plans)``, ``on_layer_start(plan)``,
+    ``on_layer_end(plan, record, resumed: bool)`` and the fit callbacks (``on_start``,
+    ``on_step``, ``on_end``) for each fit. Under ``torch.distributed`` each rank fits the layers
+    whose index ≡ rank (mod world size); every rank returns the full report.
+    Raises :class:`~sparsefit.compress.Interrupted` (a ``KeyboardInterrupt``) when a fit is
+    stopped; rerun to resume.
+    """
+    from ..calibration import ActivationProbes, Calibration
+
+    if not config.has_rule:
+        raise SparsefitError("give --depth, --target-error or --keep (the depth rule for every layer)")
+    t_start = time.perf_counter()
+    ckpt, plans = plan_checkpoint(source, config)
+    calib = Calibration(config.calibration) if config.calibration else None
+    calib_fp = calib.fingerprint() if calib else None
+    out = Path(output)
+    prepare_output(out)
+    rank, world = dist_info()
+    (out / "layers").mkdir(parents=True, exist_ok=True)
+    emit(callbacks, "on_plan", plans)
+
+    skipped: list[str] = []
+    dense_files: list[str] = []
+    n_shards = len(ckpt.shards)
+    selected = {p.name for p in plans}
+    for s in range(n_shards):
+        mine = [p for p in plans if p.entry.shard == s and p.index % world == rank]
+        untouched = [e for e in ckpt.shard_entries(s) if e.name not in selected]
+        dense_name = f"dense-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        if untouched:
+            dense_files.append(dense_name)
+        if not mine and not (rank == 0 and untouched):
+            continue
+        with ckpt.shard(s) as reader:
+            for plan in mine:
+                key = _layer_key(config, plan, calib_fp)
+                path = out / "layers" / f"{plan.index:05d}.safetensors"
+                header = read_layer_header(path)
+                if header is not None and header.get("key") == key:
+                    skipped.append(plan.name)
+                    emit(callbacks, "on_layer_end", plan, LayerRecord.from_dict(header["record"]), True)
+                    continue
+                emit(callbacks, "on_layer_start", plan)
+                a = reader.get(plan.name)
+                if not torch.isfinite(a).all():
+                    raise SparsefitError(f"{plan.name}: the weight contains NaN or Inf")
+                probes = ActivationProbes(calib.rows(plan.name), seed=config.fit.seed) if calib is not None else None
+                rec, op = compress_matrix(a.float(), config, name=plan.name, probes=probes, callbacks=callbacks)
+                rec.dtype, rec.rank, rec.file = plan.entry.dtype, rank, f"layers/{path.name}"
+                write_layer(path, plan.module, rec.to_dict(), op, a, plan.name, key)
+                emit(callbacks, "on_layer_end", plan, rec, False)
+                del a, op
+            if rank == 0 and untouched:
+                _write_dense(out / dense_name, reader, untouched, str(ckpt.shards[s].name))
+    barrier()
+
+    records = []
+    for plan in plans:
+        path = out / "layers" / f"{plan.index:05d}.safetensors"
+        header = read_layer_header(path)
+        if header is None or header.get("key") != _layer_key(config, plan, calib_fp):
+            raise SparsefitError(f"{path}: layer file missing or stale after the run; rerun to resume")
+        records.append(LayerRecord.from_dict(header["record"]))
+    total = sum(e.numel for e in ckpt.entries if e.dtype in FLOAT_DTYPES)
+    report = CompressReport(
+        str(source), str(out), records, total, dense_files=dense_files, skipped=skipped, config=config.to_dict()
+    )
+    if rank == 0:
+        report.copied = copy_passthrough(ckpt.passthrough_files(), out)
+        report.seconds = time.perf_counter() - t_start
+        from ..fileformat import save_text
+
+        save_text(out / "manifest.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    barrier()
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _write_dense(path: Path, reader: Any, entries: list[TensorEntry], shard_name: str) -> None:
+    """Write one shard's untouched tensors (skipped when an identical file is already there)."""
+    from safetensors import safe_open
+
+    from ..fileformat import save_safetensors
+
+    want = {"source_shard": shard_name, "tensors": json.dumps([[e.name, list(e.shape), e.dtype] for e in entries])}
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}) == want:
+                    return
+        except Exception:  # a damaged file is rewritten
+            pass
+    tensors = {e.name: reader.get(e.name).contiguous() for e in entries}
+    save_safetensors(path, tensors, metadata=want)
