@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import SparsefitError
-from ..operator import GTilde
+from .replacement import Replacement
 
 MANIFEST_FORMAT = "sparsefit.compressed"
 MANIFEST_VERSION = 2
@@ -67,27 +67,33 @@ def read_layer_header(path: Path) -> dict[str, Any] | None:
 
 
 def write_layer(
-    path: Path, module: str, record: dict[str, Any], op: GTilde | None, dense: torch.Tensor, weight_name: str, key: dict
+    path: Path,
+    module: str,
+    record: dict[str, Any],
+    replacement: Replacement | None,
+    dense: torch.Tensor,
+    weight_name: str,
+    key: dict,
 ) -> None:
-    """Write one layer file atomically: ``op``'s tensors, or ``dense`` (as stored) when ``op`` is None."""
-    from ..fileformat import make_header, operator_tensors, save_safetensors
+    """Write one layer file atomically: the replacement's tensors, or ``dense`` (as stored) when None."""
+    from ..fileformat import save_safetensors
 
     header: dict[str, Any] = {"format": LAYER_FORMAT, "format_version": MANIFEST_VERSION, "key": key, "record": record}
-    if op is not None:
-        tensors = operator_tensors(op, prefix=module + ".")
-        header["operator"] = make_header(op, has_bias=False)
+    if replacement is not None:
+        tensors = replacement.tensors(module)
+        header.update(replacement.header())
     else:
         tensors = {weight_name: dense.contiguous()}
     save_safetensors(path, tensors, metadata={"sparsefit": json.dumps(header, sort_keys=True)})
 
 
-def load_layer(folder: Path, rec: dict[str, Any], device: Any = None) -> tuple[GTilde | None, dict[str, torch.Tensor]]:
-    """One layer file: ``(operator, {})`` for a compressed layer, ``(None, {weight name: tensor})`` for a dense one."""
+def load_layer(
+    folder: Path, rec: dict[str, Any], device: Any = None
+) -> tuple[Replacement | None, dict[str, torch.Tensor]]:
+    """One layer file: ``(replacement, {})`` for a compressed layer, ``(None, {weight name: tensor})`` for a dense one."""
     import re
 
     from safetensors.torch import load_file
-
-    from ..fileformat import operator_from_tensors
 
     path = folder / rec["file"]
     header = read_layer_header(path)
@@ -100,5 +106,4 @@ def load_layer(folder: Path, rec: dict[str, Any], device: Any = None) -> tuple[G
     if rec["status"] != "compressed":
         return None, tensors
     module = re.sub(r"\.weight$", "", rec["name"])
-    op, _ = operator_from_tensors(tensors, header["operator"], prefix=module + ".", where=str(path), device=device)
-    return op, {}
+    return Replacement.from_tensors(tensors, header, module, str(path), device), {}

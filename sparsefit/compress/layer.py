@@ -14,7 +14,9 @@ import torch
 from ..autosize import extend_operator
 from ..errors import SparsefitError
 from ..operator import GTilde
+from .calibrate import LayerStats
 from .config import CompressConfig
+from .replacement import Replacement
 
 
 @dataclass
@@ -162,3 +164,41 @@ def compress_matrix(
     rec.status, rec.structure = "compressed", "gtilde"
     rec.params_after = op.num_parameters
     return rec, op
+
+
+def fit_layer(
+    weight: torch.Tensor,
+    stats: LayerStats | None,
+    budget: int | None,
+    config: CompressConfig,
+    *,
+    name: str = "matrix",
+    callbacks: Sequence[Any] = (),
+) -> tuple[Replacement | None, LayerRecord]:
+    """The one per-layer path (the checkpoint workflow and :func:`~sparsefit.compress_` both use it).
+
+    weight: ``(out, in)`` (already transposed for ``Conv1D``); stats: the layer's calibration
+    statistics or None (then Gaussian probes, the Frobenius objective); budget: the most
+    parameters the replacement may have, or None for ``config``'s per-layer rule (``depth`` /
+    ``target_error`` / the ``keep`` ratio). Returns ``(replacement or None when the layer stays
+    dense, record)``; with ``stats`` the record's ``data_relative_error`` is ``‖(Ŵ − W)L‖_F / ‖WL‖_F``
+    over every calibration input.
+    """
+    from ..calibration import ActivationProbes
+
+    probes = ActivationProbes(stats.rows, seed=config.fit.seed) if stats is not None else None
+    rec, op = compress_matrix(weight, config, name=name, probes=probes, callbacks=callbacks, max_params=budget)
+    rep = Replacement(op) if op is not None else None
+    if stats is not None:
+        rec.data_relative_error = stats.data_relative_error(rep.to_dense() if rep is not None else weight, weight)
+    return rep, rec
+
+
+def uniform_budgets(shapes: dict[str, tuple[int, int]], config: CompressConfig) -> dict[str, int | None]:
+    """Per-layer parameter budgets: ``keep · out · in`` for every layer (None without ``keep``).
+
+    The global allocator (per-layer error-versus-parameters curves) replaces this one ratio.
+    """
+    if config.keep is None:
+        return dict.fromkeys(shapes)
+    return {n: int(config.keep * m * k) for n, (m, k) in shapes.items()}

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import SparsefitError
 from .format import load_layer, read_manifest
+from .replacement import Replacement
 
 
 @dataclass
@@ -40,10 +41,32 @@ def _resolver(model: nn.Module, keys: set[str]) -> Callable[[str], str | None]:
     return resolve
 
 
+def linear_shape(module: nn.Module, name: str) -> tuple[int, int]:
+    """``(out, in)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored ``(in, out)``)."""
+    from .calibrate import is_conv1d
+
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    if is_conv1d(module):
+        k, m = module.weight.shape
+        return (int(m), int(k))
+    raise SparsefitError(f"{name} is a {type(module).__name__}, not nn.Linear or Conv1D; it cannot be swapped")
+
+
+def swap_module(model: nn.Module, module_name: str, replacement: Replacement, backend: str = "auto") -> nn.Module:
+    """Put ``replacement`` (as a :class:`~sparsefit.SparseLinear` in the old layer's dtype and device,
+    bias kept) where the linear layer ``module_name`` of ``model`` is; returns the new module."""
+    module = model.get_submodule(module_name)
+    new = replacement.to_module(module.bias, dtype=module.weight.dtype, backend=backend).to(module.weight.device)
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return new
+
+
 def load_compressed(
     model: nn.Module, path: str | os.PathLike[str], *, strict: bool = False, backend: str = "auto"
 ) -> LoadReport:
-    """Swap the compressed ``nn.Linear`` modules of ``model`` for :class:`~sparsefit.SparseLinear`
+    """Swap the compressed ``nn.Linear`` (or GPT-2 ``Conv1D``) modules of ``model`` for :class:`~sparsefit.SparseLinear`
     (biases kept) and load every other tensor from the compressed folder ``path``.
 
     Names are matched as stored, or with/without the model's ``base_model_prefix`` (so a
@@ -56,8 +79,6 @@ def load_compressed(
     >>> load_compressed(model, out)                                                               # doctest: +SKIP
     """
     from safetensors import safe_open
-
-    from ..nn import SparseLinear
 
     folder = Path(path)
     man = read_manifest(folder)
@@ -75,17 +96,14 @@ def load_compressed(
             _, tensors = load_layer(folder, rec)
             dense_parts.append({key: tensors[rec["name"]]})
             continue
-        if not isinstance(module, nn.Linear):
-            raise SparsefitError(f"{module_name} is a {type(module).__name__}, not nn.Linear; it cannot be swapped")
-        if (module.out_features, module.in_features) != tuple(rec["shape"]):
+        shape = linear_shape(module, module_name)
+        if shape != tuple(rec["shape"]):
             raise SparsefitError(
-                f"{module_name}: the model's layer is {module.out_features}x{module.in_features}, the compressed one {tuple(rec['shape'])}"
+                f"{module_name}: the model's layer is {shape[0]}x{shape[1]}, the compressed one {tuple(rec['shape'])}"
             )
-        op, _ = load_layer(folder, rec, device=module.weight.device)
-        assert op is not None
-        new = SparseLinear(op, module.bias, backend=backend)
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replacement, _ = load_layer(folder, rec, device=module.weight.device)
+        assert replacement is not None
+        swap_module(model, module_name, replacement, backend)
         replaced.append(module_name)
     new_keys = set(model.state_dict().keys())
     resolve = _resolver(model, new_keys)
@@ -114,7 +132,7 @@ def load_compressed(
             raise SparsefitError(f"{fpath}: cannot read ({e}); the folder is incomplete") from None
         load_part(part)
         del part
-    sparse_params = {f"{r}.operator.{n}" for r in replaced for n in ("blocks", "perms")}
+    sparse_params = {f"{r}.{n}" for r in replaced for n in ("operator.blocks", "operator.perms", "lowrank_u", "lowrank_v")}
     missing = sorted(k for k in new_keys if k not in loaded and k not in sparse_params)
     if strict and (missing or unexpected):
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

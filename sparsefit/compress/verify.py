@@ -36,10 +36,12 @@ def verify_compressed(
             continue
         with ckpt.shard(s) as reader:
             for rec in recs:
-                op, _ = load_layer(folder, rec)
-                assert op is not None
+                rep, _ = load_layer(folder, rec)
+                assert rep is not None
                 a = reader.get(rec["name"]).double()
-                g = op.to_dense(torch.float64)
+                if rec.get("transposed"):
+                    a = a.t()
+                g = rep.to_dense(torch.float64)
                 err = float(torch.linalg.norm(g - a) / torch.linalg.norm(a))
                 exact = rec["relative_error_method"] == "exact" and rec["relative_error"] is not None
                 ok = not exact or abs(err - rec["relative_error"]) <= 1e-3 + 1e-2 * err

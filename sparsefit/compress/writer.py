@@ -25,7 +25,7 @@ from ..fitting import _emit as emit
 from .config import CompressConfig, LayerPlan, select_layers
 from .distributed import barrier, dist_info
 from .format import MANIFEST_FORMAT, MANIFEST_VERSION, read_layer_header, write_layer
-from .layer import LayerRecord, compress_matrix
+from .layer import LayerRecord, fit_layer, uniform_budgets
 
 
 @dataclass
@@ -85,15 +85,45 @@ class CompressReport:
 
 def plan_checkpoint(source: str | os.PathLike[str], config: CompressConfig) -> tuple[Checkpoint, list[LayerPlan]]:
     """Open and validate ``source`` and the selection (no fitting, nothing written): the dry run."""
-    ckpt = open_checkpoint(source)
-    plans = select_layers(ckpt.entries, config)
-    if config.calibration is not None:
-        from ..calibration import Calibration
+    from .calibrate import is_activation_file
+    from .hf import conv1d_weights, model_folder
 
-        calib = Calibration(config.calibration)
-        for p in plans:
-            calib.check(p.name, p.shape[1])
+    ckpt = open_checkpoint(source)
+    names = [e.name for e in ckpt.entries]
+    plans = select_layers(ckpt.entries, config, conv1d_weights(source, names))
+    if config.calibration is not None:
+        if is_activation_file(config.calibration):
+            from ..calibration import Calibration
+
+            calib = Calibration(config.calibration)
+            for p in plans:
+                calib.check(p.name, p.shape[1])
+        else:
+            model_folder(source)
     return ckpt, plans
+
+
+def open_stats(
+    source: str | os.PathLike[str], plans: list[LayerPlan], config: CompressConfig, out: Path, callbacks: Sequence[Any]
+) -> tuple[Any, dict[str, Any] | None]:
+    """The calibration statistics source (``.get(weight name) -> LayerStats``) and its fingerprint.
+
+    Text calibration runs once (rank 0) and is saved as ``calibration.safetensors`` in ``out``;
+    a rerun with the same text and layers reuses it.
+    """
+    from .calibrate import STATS_FILE, ActivationStats, StatsFile, is_activation_file, text_stats
+
+    if config.calibration is None:
+        return None, None
+    if is_activation_file(config.calibration):
+        acts = ActivationStats(config.calibration)
+        return acts, acts.fingerprint()
+    path = out / STATS_FILE
+    if dist_info()[0] == 0:
+        text_stats(source, [p.name for p in plans], config.calibration, path, seed=config.fit.seed, callbacks=callbacks)
+    barrier()
+    stats = StatsFile(path)
+    return stats, stats.key
 
 
 def _layer_key(config: CompressConfig, plan: LayerPlan, calib_fp: dict[str, Any] | None) -> dict[str, Any]:
@@ -139,18 +169,16 @@ def compress_checkpoint(
     Raises :class:`~sparsefit.compress.Interrupted` (a ``KeyboardInterrupt``) when a fit is
     stopped; rerun to resume.
     """
-    from ..calibration import ActivationProbes, Calibration
-
     if not config.has_rule:
         raise SparsefitError("give --depth, --target-error or --keep (the depth rule for every layer)")
     t_start = time.perf_counter()
     ckpt, plans = plan_checkpoint(source, config)
-    calib = Calibration(config.calibration) if config.calibration else None
-    calib_fp = calib.fingerprint() if calib else None
     out = Path(output)
     prepare_output(out)
     rank, world = dist_info()
     (out / "layers").mkdir(parents=True, exist_ok=True)
+    stats_source, calib_fp = open_stats(source, plans, config, out, callbacks)
+    budgets = uniform_budgets({p.name: p.shape for p in plans}, config)
     emit(callbacks, "on_plan", plans)
 
     skipped: list[str] = []
@@ -178,12 +206,14 @@ def compress_checkpoint(
                 a = reader.get(plan.name)
                 if not torch.isfinite(a).all():
                     raise SparsefitError(f"{plan.name}: the weight contains NaN or Inf")
-                probes = ActivationProbes(calib.rows(plan.name), seed=config.fit.seed) if calib is not None else None
-                rec, op = compress_matrix(a.float(), config, name=plan.name, probes=probes, callbacks=callbacks)
+                w = a.float().t().contiguous() if plan.transposed else a.float()
+                stats = stats_source.get(plan.name) if stats_source is not None else None
+                rep, rec = fit_layer(w, stats, budgets[plan.name], config, name=plan.name, callbacks=callbacks)
                 rec.dtype, rec.rank, rec.file = plan.entry.dtype, rank, f"layers/{path.name}"
-                write_layer(path, plan.module, rec.to_dict(), op, a, plan.name, key)
+                rec.transposed = plan.transposed
+                write_layer(path, plan.module, rec.to_dict(), rep, a, plan.name, key)
                 emit(callbacks, "on_layer_end", plan, rec, False)
-                del a, op
+                del a, w, rep, stats
             if rank == 0 and untouched:
                 _write_dense(out / dense_name, reader, untouched, str(ckpt.shards[s].name))
     barrier()

@@ -1,0 +1,84 @@
+"""Write sparsefit's built-in calibration corpus (run once; the output is committed).
+
+English sentences from the docstrings of the Python standard library: modules in sorted order,
+their docstrings and those of their public classes, functions and methods, split into sentences
+and filtered (plain prose, 40-160 characters, no code). The unique sentences are put in a fixed
+pseudo-random order (SHA-256 of each sentence) and split into a calibration part (the first
+``--calibration`` sentences) and a held-out part (the next ``--heldout``) that calibration never
+sees. Shipping the files (not extracting at run time) keeps results identical across Python
+versions.
+
+    python scripts/make_builtin_corpus.py    # writes sparsefit/data/builtin_{calibration,heldout}.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import re
+import sys
+import warnings
+from pathlib import Path
+
+SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "ensurepip", "venv"}
+SENTENCE_END = re.compile(r"(?<=[a-z0-9)][.!?])\s+(?=[A-Z])")
+PROSE = re.compile(r"[A-Z][A-Za-z0-9 ,;'()\-]+[a-z][.!?]")
+
+
+def docstrings() -> list[str]:
+    out = []
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in SKIP:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # platform-specific or optional modules
+            continue
+        objs = [mod]
+        for attr in sorted(vars(mod)):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(mod, attr)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
+                objs.append(obj)
+                if inspect.isclass(obj):
+                    objs += [vars(obj)[m] for m in sorted(vars(obj)) if not m.startswith("_")]
+        for obj in objs:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str):
+                out.append(doc)
+    return out
+
+
+def sentences(doc: str) -> list[str]:
+    found = []
+    for para in re.split(r"\n\s*\n", doc):
+        text = " ".join(para.split())
+        for s in SENTENCE_END.split(text):
+            if 40 <= len(s) <= 160 and PROSE.fullmatch(s) and len(s.split()) >= 7:
+                found.append(s)
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calibration", type=int, default=2000)
+    ap.add_argument("--heldout", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "sparsefit" / "data")
+    args = ap.parse_args()
+    unique = sorted({s for d in docstrings() for s in sentences(d)}, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+    need = args.calibration + args.heldout
+    if len(unique) < need:
+        raise SystemExit(f"only {len(unique)} sentences found, {need} needed")
+    calib, held = unique[: args.calibration], unique[args.calibration : need]
+    (args.out / "builtin_calibration.txt").write_text("\n".join(calib) + "\n")
+    (args.out / "builtin_heldout.txt").write_text("\n".join(held) + "\n")
+    print(f"{len(unique)} sentences; wrote {len(calib)} calibration and {len(held)} held-out to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
