@@ -49,6 +49,7 @@ __all__ = [
     "synth",
     # checkpoint compression, imported on first use (see __getattr__)
     "CompressConfig",
+    "compress_",
     "compress_checkpoint",
     "load_compressed",
     "record_activations",
@@ -56,6 +57,7 @@ __all__ = [
 
 _LAZY = {
     "CompressConfig": "compress",
+    "compress_": "compress",
     "compress_checkpoint": "compress",
     "load_compressed": "compress",
     "record_activations": "calibration",

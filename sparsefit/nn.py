@@ -44,7 +44,9 @@ class SparseLinear(nn.Module):
                 raise SparsefitError(f"low-rank factors {tuple(u.shape)} and {tuple(v.shape)} do not chain")
             shape = (int(u.shape[0]), int(v.shape[1]))
             if operator is not None and shape != (operator.out_features, operator.in_features):
-                raise SparsefitError(f"low-rank part {shape} does not match G~ {operator.out_features}x{operator.in_features}")
+                raise SparsefitError(
+                    f"low-rank part {shape} does not match G~ {operator.out_features}x{operator.in_features}"
+                )
         else:
             shape = (operator.out_features, operator.in_features)  # type: ignore[union-attr]
         dtype = dtype or (operator.blocks.dtype if operator is not None else lowrank[0].dtype)  # type: ignore[index]
@@ -95,7 +97,6 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         rank = 0 if self.lowrank_u is None else self.lowrank_u.shape[1]
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-            + (f", rank={rank}" if rank else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + (
+            f", rank={rank}" if rank else ""
         )

@@ -9,6 +9,6 @@ from __future__ import annotations
 from .app import app, main
 
 # Each command module registers itself on ``app`` when imported.
-from . import cmd_apply, cmd_bench, cmd_compress, cmd_fit, cmd_info, cmd_synth  # noqa: E402,F401  isort: skip
+from . import cmd_apply, cmd_bench, cmd_compress, cmd_eval, cmd_fit, cmd_info, cmd_synth  # noqa: E402,F401  isort: skip
 
 __all__ = ["app", "main"]

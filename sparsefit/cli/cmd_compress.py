@@ -19,9 +19,11 @@ from ..compress import (
     torchrun_session,
     verify_compressed,
 )
+from ..compress.evaluate import evaluate_compressed, save_plot
 from ..config import FitConfig
 from ..errors import SparsefitError
 from .app import app, err_console, user_errors
+from .cmd_eval import EvalProgress, check_plot_target, eval_table
 from .report import FitProgress, check_json_target, emit_json, fmt
 
 
@@ -35,6 +37,14 @@ class LayerProgress(FitProgress):
 
     def on_plan(self, plans: list[LayerPlan]) -> None:
         self.total = len(plans)
+
+    def on_calibration_start(self, samples: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task("calibration (forward passes)", total=samples, mse="—", rate="—")
+
+    def on_calibration_step(self, done: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=done)
 
     def on_layer_start(self, plan: LayerPlan) -> None:
         self.description = f"{plan.module} ({plan.entry.shape[0]}×{plan.entry.shape[1]})"
@@ -81,15 +91,15 @@ def result_table(report: CompressReport) -> Table:
     # Numbers never wrap; long layer names fold instead, so the table stays readable at 80 columns.
     table = Table(title="sparsefit compress", title_justify="left")
     table.add_column("layer", overflow="fold", min_width=8)
-    for col in ("shape", "status", "depth", "params", "kept", "error", "SVD err", "s"):
+    for col in ("shape", "structure", "depth", "params", "kept", "error", "SVD err", "s"):
         table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     for r in report.layers:
         data = f" (data {fmt(r.data_relative_error, 3)})" if r.data_relative_error is not None else ""
         table.add_row(
             r.name,
             f"{r.shape[0]}×{r.shape[1]}",
-            r.status,
-            fmt(r.depth) if r.status == "compressed" else "—",
+            r.structure,
+            fmt(r.depth) if r.depth is not None and r.status == "compressed" else "—",
             fmt(r.params_after),
             f"{r.params_after / r.params_before:.3f}",
             (fmt(r.relative_error, 3) + data) if r.relative_error is not None else "—",
@@ -150,8 +160,19 @@ def compress_command(
     seed: Annotated[int, typer.Option(help="Seeds permutations, initialisation and probes.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     calibration: Annotated[
-        Path | None, typer.Option(help="safetensors of recorded layer inputs: fit over real activations.")
+        str | None,
+        typer.Option(
+            help="builtin, a text file/folder (one sample per line; .jsonl too) or a .safetensors of recorded inputs: fit over real activations."
+        ),
     ] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option("--eval", help="Held-out quality against plain and activation-aware SVD at the same budgets."),
+    ] = False,
+    heldout: Annotated[
+        Path | None, typer.Option(help="Held-out text for --eval (default: the builtin held-out sentences).")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --eval: quality against kept fraction as a PNG.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be compressed; write nothing.")] = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Reload the output and check it against the source.")
@@ -164,6 +185,7 @@ def compress_command(
     """Compress the linear layers of a model checkpoint into structured-sparse G~ layers.
 
     Example: [bold]sparsefit compress bert/ -o bert-sparse/ --target-error 0.3 --steps 2000 --json r.json[/]
+    Budget, calibration, evaluation: [bold]sparsefit compress minilm/ -o out/ --keep 0.5 --calibration builtin --eval --json r.json[/]
     Parallel: [bold]torchrun --nproc-per-node 2 -m sparsefit compress bert/ -o out/ --depth 16[/]
     """
     config = CompressConfig(
@@ -176,9 +198,12 @@ def compress_command(
         width=width,
         min_depth=min_depth,
         fit=FitConfig(steps=steps, batch=batch, seed=seed, device=device),
-        calibration=str(calibration) if calibration is not None else None,
+        calibration=calibration,
     )
     check_json_target(json_out)
+    check_plot_target(plot)
+    if plot is not None and not evaluate:
+        raise SparsefitError("--plot draws the --eval results; add --eval")
     if dry_run:
         ckpt, plans = plan_checkpoint(source, config)
         if not quiet and json_out != "-":
@@ -219,6 +244,17 @@ def compress_command(
                 )
                 raise typer.Exit(130) from None
         checks = verify_compressed(output, source, seed=seed) if verify and rank == 0 else None
+        evaluation = None
+        if evaluate and rank == 0:
+            evaluation = evaluate_compressed(
+                source,
+                output,
+                heldout=str(heldout) if heldout is not None else None,
+                curve=plot is not None,
+                callbacks=[EvalProgress(quiet or json_out == "-")],
+            )
+            if plot is not None:
+                save_plot(evaluation, str(plot))
     if rank != 0:
         return
     if not quiet and json_out != "-":
@@ -235,8 +271,12 @@ def compress_command(
                     f"{fmt(model['hidden_relative_error'])}, cosine {fmt(model['hidden_cosine'])}",
                     highlight=False,
                 )
+        if evaluation is not None:
+            err_console.print(eval_table(evaluation))
         err_console.print(f"wrote {output}", highlight=False)
     payload = report.to_dict()
     if checks is not None:
         payload["verify"] = checks
+    if evaluation is not None:
+        payload["eval"] = evaluation
     emit_json(json_out, payload)

@@ -51,7 +51,9 @@ def load_config(folder: str | os.PathLike[str]) -> Any:
     try:
         return tf.AutoConfig.from_pretrained(str(folder))  # never trust_remote_code
     except (ValueError, OSError, KeyError) as e:
-        raise SparsefitError(f"{folder}: transformers cannot read this model ({str(e).splitlines()[0][:160]})") from None
+        raise SparsefitError(
+            f"{folder}: transformers cannot read this model ({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
 def model_class(config: Any) -> Any:
@@ -68,7 +70,9 @@ def load_model(source: str | os.PathLike[str]) -> tuple[nn.Module, Any, str]:
         model = model_class(cfg).from_pretrained(str(folder)).eval()
         tok = tf.AutoTokenizer.from_pretrained(str(folder))
     except (ValueError, OSError) as e:
-        raise SparsefitError(f"{folder}: cannot load the model or its tokenizer ({str(e).splitlines()[0][:160]})") from None
+        raise SparsefitError(
+            f"{folder}: cannot load the model or its tokenizer ({str(e).splitlines()[0][:160]})"
+        ) from None
     return model, tok, task_of(cfg)
 
 

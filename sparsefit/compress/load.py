@@ -132,7 +132,9 @@ def load_compressed(
             raise SparsefitError(f"{fpath}: cannot read ({e}); the folder is incomplete") from None
         load_part(part)
         del part
-    sparse_params = {f"{r}.{n}" for r in replaced for n in ("operator.blocks", "operator.perms", "lowrank_u", "lowrank_v")}
+    sparse_params = {
+        f"{r}.{n}" for r in replaced for n in ("operator.blocks", "operator.perms", "lowrank_u", "lowrank_v")
+    }
     missing = sorted(k for k in new_keys if k not in loaded and k not in sparse_params)
     if strict and (missing or unexpected):
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

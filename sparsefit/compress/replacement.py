@@ -38,7 +38,9 @@ class Replacement:
             if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[0]:
                 raise SparsefitError(f"low-rank factors {tuple(self.u.shape)} and {tuple(self.v.shape)} do not chain")
             if self.gtilde is not None and (self.u.shape[0], self.v.shape[1]) != self.shape:
-                raise SparsefitError(f"low-rank part {self.u.shape[0]}x{self.v.shape[1]} does not match G~ {self.shape}")
+                raise SparsefitError(
+                    f"low-rank part {self.u.shape[0]}x{self.v.shape[1]} does not match G~ {self.shape}"
+                )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -110,7 +112,9 @@ class Replacement:
             u, v = u.to(device), v.to(device)  # type: ignore[union-attr]
         return cls(op, u, v)
 
-    def to_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:
+    def to_module(
+        self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, backend: str = "auto"
+    ) -> nn.Module:
         """A :class:`~sparsefit.SparseLinear` computing ``Ŵ x + bias`` (in ``dtype``, default G~'s)."""
         from ..nn import SparseLinear
 
