@@ -15,7 +15,9 @@ def word_tokenizer(folder: Path, bos: bool = False):
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = sorted({w for s in builtin_sentences("calibration") + builtin_sentences("heldout") for w in s.lower().split()})
+    words = sorted(
+        {w for s in builtin_sentences("calibration") + builtin_sentences("heldout") for w in s.lower().split()}
+    )
     vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(words[:3000])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -30,7 +32,11 @@ def tiny_bert(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -
     folder.mkdir(parents=True, exist_ok=True)
     _, vocab = word_tokenizer(folder)
     cfg = transformers.BertConfig(
-        vocab_size=vocab, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
+        vocab_size=vocab,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
         max_position_embeddings=160,
     )
     torch.manual_seed(seed)

@@ -187,11 +187,16 @@ def default_selected(entry: TensorEntry) -> bool:
 
 
 def select_layers(
-    entries: Sequence[TensorEntry], config: CompressConfig, transposed: frozenset[str] = frozenset()
+    entries: Sequence[TensorEntry],
+    config: CompressConfig,
+    transposed: frozenset[str] = frozenset(),
+    linear: frozenset[str] | None = None,
 ) -> list[LayerPlan]:
     """Apply include/exclude (``re.fullmatch``) or the default rule; validate the selection.
 
-    transposed: names of weights stored ``(in, out)`` (GPT-2 ``Conv1D``).
+    transposed: names of weights stored ``(in, out)`` (GPT-2 ``Conv1D``). linear: when the
+    architecture is known, the names of its linear layers' weights: only those are selected
+    (GPT-2's position embedding ``wpe`` is 2-D but no linear layer).
     Raises when a regex matches no tensor, when an explicitly included tensor is not a 2-D
     floating matrix, or when nothing is selected.
     """
@@ -218,7 +223,9 @@ def select_layers(
                 )
             if e.dtype not in FLOAT_DTYPES:
                 raise SparsefitError(f"{e.name} has dtype {e.dtype}; only floating-point weights can be compressed")
-        elif not default_selected(e):
+            if linear is not None and e.name not in linear:
+                raise SparsefitError(f"{e.name} is not the weight of an nn.Linear or Conv1D layer; narrow --include")
+        elif not default_selected(e) or (linear is not None and e.name not in linear):
             continue
         chosen.append(e)
     if not chosen:

@@ -97,17 +97,18 @@ def resolve_module(model: nn.Module, weight_name: str) -> str:
     raise SparsefitError(f"the model has no module for {weight_name!r}; is this the right model?")
 
 
-def conv1d_weights(folder: str | os.PathLike[str], names: list[str]) -> frozenset[str]:
-    """Which of the checkpoint tensors ``names`` are GPT-2-style ``Conv1D`` weights (stored ``(in, out)``).
+def linear_weights(folder: str | os.PathLike[str], names: list[str]) -> tuple[frozenset[str], frozenset[str]] | None:
+    """Which checkpoint tensors ``names`` are weights of linear layers: ``(nn.Linear or Conv1D,
+    Conv1D only)`` (GPT-2-style ``Conv1D`` stores its weight ``(in, out)``).
 
-    Built on the meta device (no memory, no weights read); empty without ``transformers`` or a
-    ``config.json`` that it understands.
+    The architecture is built on the meta device (no memory, no weights read). None without
+    ``transformers`` or a ``config.json`` that it understands (then names alone decide).
     """
     from .calibrate import is_conv1d
 
     p = Path(folder)
     if not (p.is_dir() and (p / "config.json").is_file()):
-        return frozenset()
+        return None
     try:
         tf = _transformers()
         cfg = tf.AutoConfig.from_pretrained(str(p))
@@ -115,14 +116,16 @@ def conv1d_weights(folder: str | os.PathLike[str], names: list[str]) -> frozense
             warnings.simplefilter("ignore")
             model = model_class(cfg).from_config(cfg)
     except (SparsefitError, ValueError, OSError, KeyError):
-        return frozenset()
-    found = set()
+        return None
+    linear, conv = set(), set()
     modules = dict(model.named_modules())
     for n in names:
         try:
-            m = resolve_module(model, n)
+            m = modules[resolve_module(model, n)]
         except SparsefitError:
             continue
-        if is_conv1d(modules[m]):
-            found.add(n)
-    return frozenset(found)
+        if n.endswith(".weight") and (isinstance(m, nn.Linear) or is_conv1d(m)):
+            linear.add(n)
+            if is_conv1d(m):
+                conv.add(n)
+    return frozenset(linear), frozenset(conv)

@@ -72,7 +72,7 @@ def compress_(
         for n, m in candidates.items()
     ]
     transposed = frozenset(f"{n}.weight" for n, m in candidates.items() if is_conv1d(m))
-    plans = select_layers(entries, config, transposed)
+    plans = select_layers(entries, config, transposed, frozenset(e.name for e in entries))
     plans_modules = {p.name: candidates[p.module] for p in plans}
     stats = _stats(model, plans_modules, calibration, config)
     budgets = uniform_budgets({p.name: p.shape for p in plans}, config)

@@ -135,7 +135,11 @@ def load_compressed(
     sparse_params = {
         f"{r}.{n}" for r in replaced for n in ("operator.blocks", "operator.perms", "lowrank_u", "lowrank_v")
     }
-    missing = sorted(k for k in new_keys if k not in loaded and k not in sparse_params)
+    state = model.state_dict(keep_vars=True)
+    loaded_ptrs = {state[k].data_ptr() for k in loaded if k in state}  # tied weights (GPT-2's lm_head) count
+    missing = sorted(
+        k for k in new_keys if k not in loaded and k not in sparse_params and state[k].data_ptr() not in loaded_ptrs
+    )
     if strict and (missing or unexpected):
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise SparsefitError(f"{folder} does not match the model: {what}")

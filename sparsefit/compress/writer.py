@@ -85,12 +85,13 @@ class CompressReport:
 
 def plan_checkpoint(source: str | os.PathLike[str], config: CompressConfig) -> tuple[Checkpoint, list[LayerPlan]]:
     """Open and validate ``source`` and the selection (no fitting, nothing written): the dry run."""
-    from .calibrate import is_activation_file
-    from .hf import conv1d_weights, model_folder
+    from .calibrate import calibration_samples, is_activation_file
+    from .hf import linear_weights, model_folder
 
     ckpt = open_checkpoint(source)
-    names = [e.name for e in ckpt.entries]
-    plans = select_layers(ckpt.entries, config, conv1d_weights(source, names))
+    known = linear_weights(source, [e.name for e in ckpt.entries])
+    linear, conv = known if known is not None else (None, frozenset())
+    plans = select_layers(ckpt.entries, config, conv, linear)
     if config.calibration is not None:
         if is_activation_file(config.calibration):
             from ..calibration import Calibration
@@ -100,6 +101,7 @@ def plan_checkpoint(source: str | os.PathLike[str], config: CompressConfig) -> t
                 calib.check(p.name, p.shape[1])
         else:
             model_folder(source)
+            calibration_samples(config.calibration)  # readable and not empty, before anything is written
     return ckpt, plans
 
 
