@@ -126,9 +126,12 @@ def test_strided_input_and_int32_perms():
 
 
 @pytest.mark.parametrize("batch", [3, 100])
-def test_independent_of_thread_count(batch):
+def test_independent_of_thread_count(batch, monkeypatch):
     import numba
 
+    from sparsefit.kernels import cpu_apply
+
+    monkeypatch.setattr(cpu_apply, "PARALLEL_MIN_WORK", 0)  # the parallel kernels even for small calls
     perms, blocks, x, gy = _case(63, 60, 126, 6, batch, seed=6)
     x, blocks, gy = x.float(), blocks.float(), gy.float()
     before = numba.get_num_threads()

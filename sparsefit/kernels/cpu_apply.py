@@ -46,6 +46,8 @@ import torch
 LANES = 32
 #: Batches below this run row by row (a 32-lane chunk costs about six rows' time).
 MIN_LANES_BATCH = 6
+#: Calls with fewer entry-layer updates than this run on one thread (about 0.3 ms of work).
+PARALLEL_MIN_WORK = 1 << 21
 #: Block-gradient accumulators; fixed, so the result does not depend on the thread count.
 GROUPS = 4
 
@@ -132,115 +134,134 @@ def _layer_lanes(src, dst, p, w, lanes):  # pragma: no cover - compiled
             d1[lane] = w10 * u0 + w11 * u1
 
 
-@numba.njit(parallel=True, **_JIT)
-def _fwd_chunks(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
-    # ``lanes`` is a runtime value on purpose: a compile-time trip count makes LLVM unroll the
-    # lane loops fully and then not vectorise them (see kernels/cpu.py).
+@numba.njit(inline="always", **_JIT)
+def _fwd_chunk(x, blocks, perms, y, lanes, ch, src, dst):  # pragma: no cover - compiled
+    """Rows ``ch·lanes ...`` of ``x`` through every layer, ``src``/``dst``: ``(n, lanes)`` scratch."""
     batch = x.shape[0]
     depth = perms.shape[0]
     m = y.shape[1]
-    nchunks = (batch + lanes - 1) // lanes
-    for ch in numba.prange(nchunks):
-        tid = numba.get_thread_id()
-        src = work[tid, 0]
-        dst = work[tid, 1]
-        b0 = ch * lanes
-        nl = min(lanes, batch - b0)
-        _load_chunk(x, b0, nl, lanes, src)
-        for j in range(depth):
-            _layer_lanes(src, dst, perms[j], blocks[j], lanes)
-            src, dst = dst, src
-        for lane in range(nl):
-            yr = y[b0 + lane]
-            for i in range(m):
-                yr[i] = src[i, lane]
+    b0 = ch * lanes
+    nl = min(lanes, batch - b0)
+    _load_chunk(x, b0, nl, lanes, src)
+    for j in range(depth):
+        _layer_lanes(src, dst, perms[j], blocks[j], lanes)
+        src, dst = dst, src
+    for lane in range(nl):
+        yr = y[b0 + lane]
+        for i in range(m):
+            yr[i] = src[i, lane]
+
+
+# ``lanes`` is a runtime value on purpose: a compile-time trip count makes LLVM unroll the lane
+# loops fully and then not vectorise them (see kernels/cpu.py).
+@numba.njit(**_JIT)
+def _fwd_chunks_serial(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
+    for ch in range((x.shape[0] + lanes - 1) // lanes):
+        _fwd_chunk(x, blocks, perms, y, lanes, ch, work[0, 0], work[0, 1])
 
 
 @numba.njit(parallel=True, **_JIT)
-def _bwd_chunks(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
-    """Recompute each chunk's forward (keeping every layer's state), then the reverse pass."""
-    batch, m = gy.shape
+def _fwd_chunks_parallel(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
+    for ch in numba.prange((x.shape[0] + lanes - 1) // lanes):
+        tid = numba.get_thread_id()
+        _fwd_chunk(x, blocks, perms, y, lanes, ch, work[tid, 0], work[tid, 1])
+
+
+@numba.njit(inline="always", **_JIT)
+def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, a, gb, acc):  # pragma: no cover
+    """Group ``g``'s chunks: recompute each chunk's forward (keeping every layer's state in
+    ``a``), then the reverse pass; the block gradient accumulates into ``acc``."""
+    batch = gy.shape[0]
     k = x.shape[1]
     depth, n = perms.shape
     h = n // 2
     nchunks = (batch + lanes - 1) // lanes
+    zero = a.dtype.type(0)
+    if need_blocks:
+        acc[:] = 0.0
+    c0 = (nchunks * g) // groups
+    c1 = (nchunks * (g + 1)) // groups
+    for ch in range(c0, c1):
+        b0 = ch * lanes
+        nl = min(lanes, batch - b0)
+        if need_blocks:  # the block gradient needs every layer's input
+            _load_chunk(x, b0, nl, lanes, a[0])
+            for j in range(depth - 1):
+                _layer_lanes(a[j], a[j + 1], perms[j], blocks[j], lanes)
+        _load_chunk(gy, b0, nl, lanes, gb[0])
+        cur = 0
+        for j in range(depth - 1, -1, -1):
+            gout = gb[cur]
+            gin = gb[1 - cur]
+            p = perms[j]
+            w = blocks[j]
+            src = a[j if need_blocks else 0]
+            write_in = need_x or j > 0
+            for b in range(h):
+                i0 = p[2 * b]
+                i1 = p[2 * b + 1]
+                e0r = gout[2 * b]
+                e1r = gout[2 * b + 1]
+                if need_blocks:
+                    s0 = src[i0]
+                    s1 = src[i1]
+                    s00 = zero
+                    s01 = zero
+                    s10 = zero
+                    s11 = zero
+                    for lane in range(lanes):
+                        u0 = s0[lane]
+                        u1 = s1[lane]
+                        e0 = e0r[lane]
+                        e1 = e1r[lane]
+                        s00 += e0 * u0
+                        s01 += e0 * u1
+                        s10 += e1 * u0
+                        s11 += e1 * u1
+                    acc[j, b, 0, 0] += s00
+                    acc[j, b, 0, 1] += s01
+                    acc[j, b, 1, 0] += s10
+                    acc[j, b, 1, 1] += s11
+                if write_in:
+                    w00 = w[b, 0, 0]
+                    w01 = w[b, 0, 1]
+                    w10 = w[b, 1, 0]
+                    w11 = w[b, 1, 1]
+                    d0 = gin[i0]
+                    d1 = gin[i1]
+                    for lane in range(lanes):
+                        e0 = e0r[lane]
+                        e1 = e1r[lane]
+                        d0[lane] = w00 * e0 + w10 * e1
+                        d1[lane] = w01 * e0 + w11 * e1
+            cur = 1 - cur
+        if need_x:
+            g0 = gb[cur]
+            for lane in range(nl):
+                gr = gx[b0 + lane]
+                for i in range(k):
+                    gr[i] = g0[i, lane]
+
+
+@numba.njit(**_JIT)
+def _bwd_serial(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
-    zero = act.dtype.type(0)
-    for g in numba.prange(groups):
-        tid = numba.get_thread_id()
-        a = act[tid]
-        gb = gbuf[tid]
-        acc = gacc[g]
-        if need_blocks:
-            acc[:] = 0.0
-        c0 = (nchunks * g) // groups
-        c1 = (nchunks * (g + 1)) // groups
-        for ch in range(c0, c1):
-            b0 = ch * lanes
-            nl = min(lanes, batch - b0)
-            if need_blocks:  # the block gradient needs every layer's input
-                _load_chunk(x, b0, nl, lanes, a[0])
-                for j in range(depth - 1):
-                    _layer_lanes(a[j], a[j + 1], perms[j], blocks[j], lanes)
-            _load_chunk(gy, b0, nl, lanes, gb[0])
-            cur = 0
-            for j in range(depth - 1, -1, -1):
-                gout = gb[cur]
-                gin = gb[1 - cur]
-                p = perms[j]
-                w = blocks[j]
-                src = a[j if need_blocks else 0]
-                write_in = need_x or j > 0
-                for b in range(h):
-                    i0 = p[2 * b]
-                    i1 = p[2 * b + 1]
-                    e0r = gout[2 * b]
-                    e1r = gout[2 * b + 1]
-                    if need_blocks:
-                        s0 = src[i0]
-                        s1 = src[i1]
-                        s00 = zero
-                        s01 = zero
-                        s10 = zero
-                        s11 = zero
-                        for lane in range(lanes):
-                            u0 = s0[lane]
-                            u1 = s1[lane]
-                            e0 = e0r[lane]
-                            e1 = e1r[lane]
-                            s00 += e0 * u0
-                            s01 += e0 * u1
-                            s10 += e1 * u0
-                            s11 += e1 * u1
-                        acc[j, b, 0, 0] += s00
-                        acc[j, b, 0, 1] += s01
-                        acc[j, b, 1, 0] += s10
-                        acc[j, b, 1, 1] += s11
-                    if write_in:
-                        w00 = w[b, 0, 0]
-                        w01 = w[b, 0, 1]
-                        w10 = w[b, 1, 0]
-                        w11 = w[b, 1, 1]
-                        d0 = gin[i0]
-                        d1 = gin[i1]
-                        for lane in range(lanes):
-                            e0 = e0r[lane]
-                            e1 = e1r[lane]
-                            d0[lane] = w00 * e0 + w10 * e1
-                            d1[lane] = w01 * e0 + w11 * e1
-                cur = 1 - cur
-            if need_x:
-                g0 = gb[cur]
-                for lane in range(nl):
-                    gr = gx[b0 + lane]
-                    for i in range(k):
-                        gr[i] = g0[i, lane]
+    for g in range(groups):
+        _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[0], gbuf[0], gacc[g])
 
 
 @numba.njit(parallel=True, **_JIT)
+def _bwd_parallel(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
+    groups = gacc.shape[0]
+    for g in numba.prange(groups):
+        tid = numba.get_thread_id()
+        _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[tid], gbuf[tid], gacc[g])
+
+
+@numba.njit(**_JIT)
 def _reduce_groups(gacc, out):  # pragma: no cover - compiled
     groups, depth, h = gacc.shape[0], gacc.shape[1], gacc.shape[2]
-    for j in numba.prange(depth):
+    for j in range(depth):
         for b in range(h):
             for r in range(2):
                 for c in range(2):
@@ -276,6 +297,13 @@ def _perms_numpy(perms: torch.Tensor) -> np.ndarray:
     return (perms if perms.is_contiguous() else perms.contiguous()).numpy()
 
 
+def _threads(work: int) -> int:
+    """Threads for a call doing ``work`` entry-layer updates: one below :data:`PARALLEL_MIN_WORK`
+    (waking a thread team costs more than it saves, and on a busy machine a team waits for its
+    slowest member's time slice), else numba's thread count. Results do not depend on it."""
+    return 1 if work < PARALLEL_MIN_WORK else numba.get_num_threads()
+
+
 def forward(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_features: int) -> torch.Tensor:
     """``y = G~ x`` on CPU tensors. x: ``(batch, in_features)``; blocks ``(depth, n/2, 2, 2)``;
     perms ``(depth, n)`` integer; returns ``(batch, out_features)`` in ``x``'s dtype."""
@@ -289,16 +317,14 @@ def forward(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_feat
     if batch == 0:
         return y.to(x.dtype)
     yn = y.numpy()
-    threads = numba.get_num_threads()
+    threads = _threads(batch * n * depth)
     npdt = xn.dtype
     if batch < MIN_LANES_BATCH:
-        if batch == 1 or threads == 1:
-            _fwd_rows_serial(xn, bn, pn, yn, np.empty((1, 2, n), dtype=npdt))
-        else:
-            _fwd_rows_parallel(xn, bn, pn, yn, np.empty((threads, 2, n), dtype=npdt))
+        work = np.empty((threads, 2, n), dtype=npdt)
+        (_fwd_rows_serial if threads == 1 else _fwd_rows_parallel)(xn, bn, pn, yn, work)
     else:
-        lanes = LANES
-        _fwd_chunks(xn, bn, pn, yn, lanes, np.empty((threads, 2, n, lanes), dtype=npdt))
+        work = np.empty((threads, 2, n, LANES), dtype=npdt)
+        (_fwd_chunks_serial if threads == 1 else _fwd_chunks_parallel)(xn, bn, pn, yn, LANES, work)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -326,7 +352,7 @@ def backward(
     xn = _as_numpy(x, cdt)
     bn = _as_numpy(blocks, cdt)
     pn = _perms_numpy(perms)
-    threads = numba.get_num_threads()
+    threads = _threads(3 * batch * n * depth)
     lanes = min(LANES, batch)
     nchunks = -(-batch // lanes)
     groups = min(GROUPS, nchunks)
@@ -335,7 +361,7 @@ def backward(
     gbuf = np.empty((threads, 2, n, lanes), dtype=npdt)
     gacc = np.empty((groups, depth, h, 2, 2) if need_blocks else (groups, 0, 0, 2, 2), dtype=np.float64)
     gxn = gx.numpy() if gx is not None else np.empty((0, 0), dtype=npdt)
-    _bwd_chunks(gyn, xn, bn, pn, gxn, lanes, need_x, need_blocks, act, gbuf, gacc)
+    (_bwd_serial if threads == 1 else _bwd_parallel)(gyn, xn, bn, pn, gxn, lanes, need_x, need_blocks, act, gbuf, gacc)
     if gb is not None:
         _reduce_groups(gacc, gb.numpy())
     return (gx.to(x.dtype) if gx is not None else None), (gb.to(blocks.dtype) if gb is not None else None)
