@@ -168,15 +168,102 @@ def _fwd_chunks_parallel(x, blocks, perms, y, lanes, work):  # pragma: no cover 
 
 
 @numba.njit(inline="always", **_JIT)
+def _grad_layer_both(src, gout, gin, p, w, acc, lanes):  # pragma: no cover - compiled
+    """One layer of the reverse pass: ``gin = P_jᵀ B_jᵀ gout`` (scattered through the
+    permutation) and ``acc[b] += Σ_lanes gout_pair ⊗ (P_j src)_pair``, in one sweep over lanes."""
+    h = p.shape[0] // 2
+    zero = src.dtype.type(0)
+    for b in range(h):
+        i0 = p[2 * b]
+        i1 = p[2 * b + 1]
+        s0 = src[i0]
+        s1 = src[i1]
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        d0 = gin[i0]
+        d1 = gin[i1]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        s00 = zero
+        s01 = zero
+        s10 = zero
+        s11 = zero
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            s00 += e0 * u0
+            s01 += e0 * u1
+            s10 += e1 * u0
+            s11 += e1 * u1
+            d0[lane] = w00 * e0 + w10 * e1
+            d1[lane] = w01 * e0 + w11 * e1
+        acc[b, 0, 0] += s00
+        acc[b, 0, 1] += s01
+        acc[b, 1, 0] += s10
+        acc[b, 1, 1] += s11
+
+
+@numba.njit(inline="always", **_JIT)
+def _grad_layer_blocks(src, gout, p, acc, lanes):  # pragma: no cover - compiled
+    """The block-gradient half of :func:`_grad_layer_both`."""
+    h = p.shape[0] // 2
+    zero = src.dtype.type(0)
+    for b in range(h):
+        s0 = src[p[2 * b]]
+        s1 = src[p[2 * b + 1]]
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        s00 = zero
+        s01 = zero
+        s10 = zero
+        s11 = zero
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            s00 += e0 * u0
+            s01 += e0 * u1
+            s10 += e1 * u0
+            s11 += e1 * u1
+        acc[b, 0, 0] += s00
+        acc[b, 0, 1] += s01
+        acc[b, 1, 0] += s10
+        acc[b, 1, 1] += s11
+
+
+@numba.njit(inline="always", **_JIT)
+def _grad_layer_input(gout, gin, p, w, lanes):  # pragma: no cover - compiled
+    """The input-gradient half of :func:`_grad_layer_both`."""
+    h = p.shape[0] // 2
+    for b in range(h):
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        d0 = gin[p[2 * b]]
+        d1 = gin[p[2 * b + 1]]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        for lane in range(lanes):
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            d0[lane] = w00 * e0 + w10 * e1
+            d1[lane] = w01 * e0 + w11 * e1
+
+
+@numba.njit(inline="always", **_JIT)
 def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, a, gb, acc):  # pragma: no cover
     """Group ``g``'s chunks: recompute each chunk's forward (keeping every layer's state in
     ``a``), then the reverse pass; the block gradient accumulates into ``acc``."""
     batch = gy.shape[0]
     k = x.shape[1]
-    depth, n = perms.shape
-    h = n // 2
+    depth = perms.shape[0]
     nchunks = (batch + lanes - 1) // lanes
-    zero = a.dtype.type(0)
     if need_blocks:
         acc[:] = 0.0
     c0 = (nchunks * g) // groups
@@ -196,44 +283,12 @@ def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, 
             p = perms[j]
             w = blocks[j]
             src = a[j if need_blocks else 0]
-            write_in = need_x or j > 0
-            for b in range(h):
-                i0 = p[2 * b]
-                i1 = p[2 * b + 1]
-                e0r = gout[2 * b]
-                e1r = gout[2 * b + 1]
-                if need_blocks:
-                    s0 = src[i0]
-                    s1 = src[i1]
-                    s00 = zero
-                    s01 = zero
-                    s10 = zero
-                    s11 = zero
-                    for lane in range(lanes):
-                        u0 = s0[lane]
-                        u1 = s1[lane]
-                        e0 = e0r[lane]
-                        e1 = e1r[lane]
-                        s00 += e0 * u0
-                        s01 += e0 * u1
-                        s10 += e1 * u0
-                        s11 += e1 * u1
-                    acc[j, b, 0, 0] += s00
-                    acc[j, b, 0, 1] += s01
-                    acc[j, b, 1, 0] += s10
-                    acc[j, b, 1, 1] += s11
-                if write_in:
-                    w00 = w[b, 0, 0]
-                    w01 = w[b, 0, 1]
-                    w10 = w[b, 1, 0]
-                    w11 = w[b, 1, 1]
-                    d0 = gin[i0]
-                    d1 = gin[i1]
-                    for lane in range(lanes):
-                        e0 = e0r[lane]
-                        e1 = e1r[lane]
-                        d0[lane] = w00 * e0 + w10 * e1
-                        d1[lane] = w01 * e0 + w11 * e1
+            if need_blocks and (need_x or j > 0):
+                _grad_layer_both(src, gout, gin, p, w, acc[j], lanes)
+            elif need_blocks:  # layer 0 without the input gradient
+                _grad_layer_blocks(src, gout, p, acc[j], lanes)
+            else:
+                _grad_layer_input(gout, gin, p, w, lanes)
             cur = 1 - cur
         if need_x:
             g0 = gb[cur]
