@@ -186,3 +186,15 @@ def test_cpu_backend_on_wrong_device_is_a_clear_error():
 
     with pytest.raises(SparsefitError, match="CPU tensors"):
         resolve_backend("cpu", "meta")
+
+
+def test_one_backend_vocabulary():
+    from sparsefit import FitConfig
+    from sparsefit.errors import SparsefitError
+    from sparsefit.kernels import BACKENDS, parse_backend
+
+    assert BACKENDS == ("auto", "reference", "torch", "cpu", "cuda")
+    assert FitConfig(backend="numba").backend == "cpu"  # the fit's old name, in stored configs
+    assert parse_backend("triton") is Backend.CUDA
+    with pytest.raises(SparsefitError, match="unknown backend 'magic'"):
+        FitConfig(backend="magic")
