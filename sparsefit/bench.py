@@ -8,15 +8,17 @@ For each width ``n``, batch and dtype, :func:`run_bench` times, with the same pr
   Triton kernel, on a GPU; ``cpu``, the numba kernels, on the CPU);
 
 each forward and forward+backward (``∂x`` and ``∂W`` / ``∂blocks``), at depth ``2·log2 n``
-unless given. Each :class:`BenchRow` carries the median time, the speedup over dense, the bytes a
-perfect implementation must move through device memory, the achieved bandwidth, and (fused
-kernel) a shared-memory bound — the model is in ``docs/gpu.md``.
+unless given. Each :class:`BenchRow` carries the median (and min, max) time, the speedup over
+dense, the bytes a perfect implementation must move through device memory, the achieved
+bandwidth, a bound (GPU, fused kernel: shared memory, the model in ``docs/gpu.md``; CPU: those
+bytes at the measured copy bandwidth) and, for G~, the relative error of the forward against
+the float64 reference.
 
-Protocol: warm-up calls (compilation, allocator, autotuning stay out), then ``repeats`` timed
-calls, each timed alone (CUDA events on the current stream, or ``time.perf_counter`` on the
-CPU), median reported; inputs (and the dense weight) rotate among several buffers whose total
-size exceeds twice the last-level cache, so a call does not find its operands in cache from the
-previous one.
+Protocol: warm-up calls (compilation, allocator, autotuning stay out; at least one per rotated
+input set, so no buffer is timed on its first use), then ``repeats`` timed calls, each timed
+alone (CUDA events on the current stream, or ``time.perf_counter`` on the CPU), median reported;
+inputs (and the dense weight) rotate among several buffers whose total size exceeds twice the
+last-level cache, so a call does not find its operands in cache from the previous one.
 
 Example
 -------
@@ -39,7 +41,8 @@ import torch
 
 from .errors import SparsefitError
 from .fitting import resolve_device
-from .kernels import Backend, dispatch, fused_backend, fused_gpu_available
+from .kernels import Backend, dispatch, fused_backend, fused_cpu_available, fused_gpu_available
+from .kernels.reference import gtilde_reference
 from .operator import random_orthogonal_blocks
 from .permutations import inverse_permutations, sample_permutations
 
@@ -49,9 +52,9 @@ GPU_DEFAULTS = {
     "batches": (1, 16, 256, 4096),
     "dtypes": ("fp32", "bf16", "fp16"),
 }
-CPU_DEFAULTS = {"widths": (256, 1024), "batches": (1, 64), "dtypes": ("fp32",)}
+CPU_DEFAULTS = {"widths": (1024, 4096), "batches": (1, 16, 256), "dtypes": ("fp32",)}
 #: (repeats, warmup) when the config leaves them unset
-PROTOCOL_DEFAULTS = {"cuda": (20, 3), "cpu": (5, 2)}
+PROTOCOL_DEFAULTS = {"cuda": (20, 3), "cpu": (30, 5)}
 #: shared-memory bytes per clock per SM (NVIDIA: 32 banks × 4 bytes, Volta through Hopper)
 SMEM_BYTES_PER_CLOCK = 128
 #: assumed last-level cache when the device does not say (bytes)
@@ -66,8 +69,8 @@ class BenchConfig:
     widths: internal widths ``n`` (even); batches: rows of ``x``; dtypes: ``fp32``/``bf16``/``fp16``;
     depth: layers (``None``: ``round(2·log2 n)``); features: ``"width"`` (in = out = ``n``, dense is
     ``n × n``) or ``"half"`` (in = out = ``n/2``: the fit's default width ``2·max(m, k)``);
-    repeats: timed calls per figure (median; default 20 on CUDA, 5 on the CPU); warmup: untimed
-    calls first (default 3 on CUDA, 2 on the CPU); backward: also time
+    repeats: timed calls per figure (median; default 20 on CUDA, 30 on the CPU); warmup: untimed
+    calls first (default 3 on CUDA, 5 on the CPU; raised to one per rotated input set); backward: also time
     forward+backward; methods: subset of ``dense``, ``torch``, ``fused``; device: ``auto``,
     ``cpu`` or ``cuda``; memory_fraction: skip a case whose estimated footprint exceeds this
     fraction of free device memory (CPU: of 8 GiB)."""
@@ -116,9 +119,12 @@ class BenchRow:
 
     ``hbm_bytes``: bytes a perfect forward must move through device memory (inputs read once,
     outputs written once, the dense weight or the blocks and permutations read once);
-    ``gbps``: ``hbm_bytes`` over the forward time; ``bound_ms``: the fused kernel's
-    shared-memory bound (``None`` for other methods or on the CPU); ``speedup``: dense time over
-    this method's, forward and forward+backward."""
+    ``bytes_per_row``: the same per row of ``x`` (the weights' share divided over the batch);
+    ``gbps``: ``hbm_bytes`` over the forward time; ``bound_ms``: GPU, the fused kernel's
+    shared-memory bound (``None`` for other methods); CPU, ``hbm_bytes`` at the measured copy
+    bandwidth (every method); ``speedup``: dense time over this method's, forward and
+    forward+backward; ``rel_error``: G~ methods, ``||y − y_ref|| / ||y_ref||`` of one forward
+    against the float64 reference."""
 
     device: str
     device_name: str
@@ -139,6 +145,12 @@ class BenchRow:
     flops: int
     repeats: int | None
     note: str = ""
+    fwd_min_ms: float | None = None
+    fwd_max_ms: float | None = None
+    fwd_bwd_min_ms: float | None = None
+    fwd_bwd_max_ms: float | None = None
+    bytes_per_row: float | None = None
+    rel_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,7 +263,20 @@ def _free_bytes(device: torch.device) -> int:
 def _fused_ok(device: torch.device) -> bool:
     if fused_backend(device) is Backend.CUDA:
         return fused_gpu_available(device)
-    return False  # the fused CPU apply kernel is not built yet
+    return fused_cpu_available()
+
+
+_CPU_COPY_BANDWIDTH: list[float] = []
+
+
+def memory_bound_seconds(nbytes: int, device: torch.device) -> float | None:
+    """CPU: ``nbytes`` at the copy bandwidth measured once per process (256 MiB copies); GPU:
+    ``None`` (the fused kernel's bound is :func:`smem_bound_seconds`)."""
+    if device.type == "cuda":
+        return None
+    if not _CPU_COPY_BANDWIDTH:
+        _CPU_COPY_BANDWIDTH.append(copy_bandwidth(device, mib=256, repeats=5))
+    return nbytes / _CPU_COPY_BANDWIDTH[0]
 
 
 def run_bench(
@@ -345,10 +370,16 @@ def bench_case(
                                 hbm_bytes=hbm, gbps=None, bound_ms=None, flops=flops,
                                 note=f"skipped: needs ~{footprint / 2**30:.1f} GiB"))  # fmt: skip
             continue
-        fwd, fwd_bwd = _time_method(method, config, device, perms, inv, blocks, w, fin, fout, batch, dtype, gx_bytes)
+        t_fwd, t_fwd_bwd = _time_method(
+            method, config, device, perms, inv, blocks, w, fin, fout, batch, dtype, gx_bytes
+        )
+        fwd, fwd_bwd = t_fwd[1], (t_fwd_bwd[1] if t_fwd_bwd else None)
         if method == "dense":
             dense_times = (fwd, fwd_bwd)
-        bound = smem_bound_seconds(batch, n, depth, device) if method == "fused" else None
+        if device.type == "cuda":
+            bound = smem_bound_seconds(batch, n, depth, device) if method == "fused" else None
+        else:
+            bound = memory_bound_seconds(hbm, device)
         out.append(
             BenchRow(
                 **base,
@@ -360,9 +391,45 @@ def bench_case(
                 gbps=(hbm / (fwd * 1e-3) / 1e9) if fwd else None,
                 bound_ms=bound * 1e3 if bound is not None else None,
                 flops=flops,
+                fwd_min_ms=t_fwd[0],
+                fwd_max_ms=t_fwd[2],
+                fwd_bwd_min_ms=t_fwd_bwd[0] if t_fwd_bwd else None,
+                fwd_bwd_max_ms=t_fwd_bwd[2] if t_fwd_bwd else None,
+                bytes_per_row=hbm / batch,
+                rel_error=None
+                if method == "dense"
+                else _gtilde_error(method, device, perms, inv, blocks, fin, fout, batch, dtype),
             )
         )
     return out
+
+
+def _backend(method: str, device: torch.device) -> Backend:
+    return fused_backend(device) if method == "fused" else Backend.TORCH
+
+
+def _gtilde_error(
+    method: str,
+    device: torch.device,
+    perms: torch.Tensor,
+    inv: torch.Tensor,
+    blocks: torch.Tensor,
+    fin: int,
+    fout: int,
+    batch: int,
+    dtype: torch.dtype,
+) -> float:
+    """Relative error of one forward (inputs stored in ``dtype``) against the float64 reference."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, fin, generator=gen).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        y = dispatch(_backend(method, device), x, blocks, perms, fout, inv).double()
+        ref = gtilde_reference(x.double(), blocks.double(), perms, fout)
+    return float(torch.linalg.norm(y - ref) / torch.linalg.norm(ref))
+
+
+def _stats(times: list[float]) -> tuple[float, float, float]:
+    return min(times), statistics.median(times), max(times)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -382,7 +449,8 @@ def _time_method(
     batch: int,
     dtype: torch.dtype,
     dense_set_bytes: int,
-) -> tuple[float, float | None]:
+) -> tuple[tuple[float, float, float], tuple[float, float, float] | None]:
+    """``(min, median, max)`` milliseconds of the forward and (``None`` if not timed) forward+backward."""
     es = blocks.element_size()
     if method == "dense":
         assert w is not None
@@ -396,12 +464,11 @@ def _time_method(
     if method == "dense":
 
         def apply(i: int, x: torch.Tensor, grad: bool) -> torch.Tensor:
-            wi = ws[i % nsets]
-            return x @ (wi.requires_grad_(grad)).t()
+            return torch.nn.functional.linear(x, ws[i % nsets].requires_grad_(grad))
 
         params: Callable[[int], list[torch.Tensor]] = lambda i: [ws[i % nsets]]  # noqa: E731
     else:
-        backend = fused_backend(device) if method == "fused" else Backend.TORCH
+        backend = _backend(method, device)
 
         def gt(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return dispatch(backend, x, b, perms, fout, inv)
@@ -417,7 +484,8 @@ def _time_method(
         with torch.no_grad():
             apply(i, xs[i % nsets], False)
 
-    fwd_ms = statistics.median(time_calls(fwd, device, warmup=config.warmup, repeats=config.repeats))
+    warmup = max(config.warmup, nsets) if config.warmup else 0  # no buffer is timed on its first use
+    fwd_ms = _stats(time_calls(fwd, device, warmup=warmup, repeats=config.repeats))
     fwd_bwd_ms = None
     if config.backward:
 
@@ -429,7 +497,7 @@ def _time_method(
             for p in params(i):
                 p.grad = None
 
-        fwd_bwd_ms = statistics.median(time_calls(fwd_bwd, device, warmup=config.warmup, repeats=config.repeats))
+        fwd_bwd_ms = _stats(time_calls(fwd_bwd, device, warmup=warmup, repeats=config.repeats))
         for x in xs:
             x.requires_grad_(False)
     return fwd_ms, fwd_bwd_ms

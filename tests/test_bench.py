@@ -27,18 +27,22 @@ def test_run_bench_rows_on_cpu():
     seen = []
     rows = run_bench(TINY, progress=seen.append)
     assert rows == seen and all(isinstance(r, BenchRow) for r in rows)
-    # per (width, batch): dense and torch; the fused kernel is left out on the CPU
+    # per (width, batch): dense, the torch path and the fused numba kernel
     assert [(r.width, r.batch, r.method) for r in rows] == [
-        (w, b, m) for w in (8, 14) for b in (1, 3) for m in ("dense", "torch")
+        (w, b, m) for w in (8, 14) for b in (1, 3) for m in ("dense", "torch", "fused")
     ]
     for r in rows:
         assert r.device == "cpu" and r.dtype == "fp32" and r.repeats == 2
         assert r.depth == default_depth(r.width) and r.in_features == r.out_features == r.width
-        assert r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and r.gbps > 0 and r.bound_ms is None
-        assert r.hbm_bytes > 0 and r.flops > 0
-    for dense, torch_row in zip(rows[::2], rows[1::2], strict=True):
+        assert r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and r.gbps > 0 and r.bound_ms > 0
+        assert r.fwd_min_ms <= r.fwd_ms <= r.fwd_max_ms and r.fwd_bwd_min_ms <= r.fwd_bwd_ms <= r.fwd_bwd_max_ms
+        assert r.hbm_bytes > 0 and r.flops > 0 and r.bytes_per_row == r.hbm_bytes / r.batch
+        assert (r.rel_error is None) == (r.method == "dense")
+        assert r.rel_error is None or r.rel_error < 1e-5
+    for dense, torch_row, fused in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
         assert dense.speedup_fwd == 1.0
         assert math.isclose(torch_row.speedup_fwd, dense.fwd_ms / torch_row.fwd_ms)
+        assert math.isclose(fused.speedup_fwd_bwd, dense.fwd_bwd_ms / fused.fwd_bwd_ms)
         assert torch_row.flops == 4 * torch_row.batch * torch_row.width * torch_row.depth
     assert json.loads(json.dumps(rows[0].to_dict()))["method"] == "dense"
 
@@ -59,6 +63,7 @@ def test_bench_file(tmp_path):
     assert [(r.method, r.width, r.depth, r.in_features, r.out_features) for r in rows] == [
         ("dense", 10, 4, 7, 5),
         ("torch", 10, 4, 7, 5),
+        ("fused", 10, 4, 7, 5),
     ]
 
 
@@ -95,8 +100,9 @@ def test_cli_json_stdout():
     assert r.exit_code == 0, r.output
     payload = json.loads(r.stdout)
     assert payload["device"] == "cpu" and "GPU" in payload["note"]
-    assert [row["method"] for row in payload["rows"]] == ["dense", "torch"]
+    assert [row["method"] for row in payload["rows"]] == ["dense", "torch", "fused"]
     assert payload["rows"][1]["width"] == 8 and payload["rows"][1]["fwd_ms"] > 0
+    assert all(k in payload["rows"][2] for k in ("speedup_fwd", "speedup_fwd_bwd", "dtype", "batch"))
 
 
 def test_cli_table_and_cpu_note(tmp_path):
@@ -105,7 +111,7 @@ def test_cli_table_and_cpu_note(tmp_path):
     assert r.exit_code == 0, r.output
     assert "sparsefit bench" in r.stdout and "torch" in r.stdout
     if not torch.cuda.is_available():
-        assert "need a CUDA GPU" in r.stderr
+        assert "need a CUDA GPU" in r.stderr and "numba" in r.stderr
     assert json.loads(out.read_text())["rows"][0]["fwd_bwd_ms"] is None
 
 

@@ -176,6 +176,6 @@ def test_auto_backend_keeps_unverified_fused_kernel_opt_in(monkeypatch):
     assert kernels._auto_may_use_fused() is kernels.FUSED_VERIFIED_ON_GPU
     monkeypatch.setenv("SPARSEFIT_FUSED", "1")
     assert kernels._auto_may_use_fused()
-    # on a CPU tensor auto is the torch path either way
+    # on a CPU tensor auto is the fused CPU kernel (or the torch path without numba) either way
     g = GTilde(4, 4, 2, 8, seed=0)
     assert rel_err(g(x), g(x, backend="reference")) < 1e-6

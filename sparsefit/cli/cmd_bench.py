@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.table import Table
 
@@ -33,13 +34,17 @@ def _table(rows: list[BenchRow]) -> Table:
     device = rows[0].device_name if rows else "cpu"
     shapes = {("n" if r.in_features == r.out_features == r.width else "n/2") for r in rows}
     features = "in = out = " + "/".join(sorted(shapes))
-    table = Table(title=f"sparsefit bench on {device} ({features}; times: median ms)", title_justify="left")
+    table = Table(
+        title=f"sparsefit bench on {device} ({features}; times: median ms, min–max below)", title_justify="left"
+    )
     cols = ["method", "n", "D", "batch", "dtype", "fwd", "fwd+bwd", "×dense", "×dense f+b", "GB/s"]
-    gpu = any(r.bound_ms is not None for r in rows)
+    bounds = any(r.bound_ms is not None for r in rows)
+    errors = any(r.rel_error is not None for r in rows)
     notes = any(r.note for r in rows)
-    cols += ["bound"] * gpu + ["note"] * notes
+    cols += ["bound"] * bounds + ["rel err"] * errors + ["note"] * notes
     for col in cols:
-        table.add_column(col, justify="left" if col in ("method", "dtype", "note") else "right")
+        left = col in ("method", "dtype", "note")
+        table.add_column(col, justify="left" if left else "right", no_wrap=col == "method", min_width=6 * left)
     for r in rows:
         cells = [
             r.method,
@@ -47,15 +52,24 @@ def _table(rows: list[BenchRow]) -> Table:
             str(r.depth),
             str(r.batch),
             r.dtype,
-            fmt(r.fwd_ms, 3),
-            fmt(r.fwd_bwd_ms, 3),
+            _spread(r.fwd_ms, r.fwd_min_ms, r.fwd_max_ms),
+            _spread(r.fwd_bwd_ms, r.fwd_bwd_min_ms, r.fwd_bwd_max_ms),
             fmt(r.speedup_fwd, 3),
             fmt(r.speedup_fwd_bwd, 3),
             fmt(r.gbps, 3),
         ]
-        cells += [fmt(r.bound_ms, 3)] * gpu + [r.note] * notes
+        err = f"{r.rel_error:.1e}" if r.rel_error is not None else "-"
+        cells += [fmt(r.bound_ms, 3)] * bounds + [err] * errors + [r.note] * notes
         table.add_row(*cells)
     return table
+
+
+def _spread(median: float | None, lo: float | None, hi: float | None) -> str:
+    if median is None:
+        return fmt(median, 3)
+    if lo is None or hi is None:
+        return fmt(median, 3)
+    return f"{fmt(median, 3)}\n{fmt(lo, 3)}–{fmt(hi, 3)}"
 
 
 @app.command("bench")
@@ -65,17 +79,17 @@ def bench_command(
         Path | None, typer.Argument(help="Optional sparsefit .safetensors file: benchmark it at its own shape.")
     ] = None,
     widths: Annotated[
-        str | None, typer.Option(help="Comma-separated widths n (default: GPU 1024…16384, CPU 256,1024).")
+        str | None, typer.Option(help="Comma-separated widths n (default: GPU 1024…16384, CPU 1024,4096).")
     ] = None,
     batches: Annotated[
-        str | None, typer.Option(help="Comma-separated batch sizes (default: GPU 1,16,256,4096; CPU 1,64).")
+        str | None, typer.Option(help="Comma-separated batch sizes (default: GPU 1,16,256,4096; CPU 1,16,256).")
     ] = None,
     dtypes: Annotated[
         str | None, typer.Option(help="Comma-separated: fp32, bf16, fp16 (default: GPU all three; CPU fp32).")
     ] = None,
     depth: Annotated[int | None, typer.Option(help="Layers (default round(2·log2 n)).")] = None,
     repeats: Annotated[
-        int | None, typer.Option(help="Timed calls per figure, median reported (default: GPU 20, CPU 5).")
+        int | None, typer.Option(help="Timed calls per figure, median reported (default: GPU 20, CPU 30).")
     ] = None,
     features: Annotated[
         str, typer.Option(help="width: in = out = n (dense n×n); half: in = out = n/2 (the fit's default width).")
@@ -86,7 +100,7 @@ def bench_command(
         str | None, typer.Option("--json", help="Write the rows as JSON to FILE, or - for stdout.")
     ] = None,
 ) -> None:
-    """Time G~ (PyTorch path and, on a GPU, the fused kernel) against a dense layer: median times, speedups, bandwidth."""
+    """Time G~ (the PyTorch path and the device's fused kernel) against a dense layer: median times, speedups, bandwidth, error."""
     check_json_target(json_out)
     if repeats is not None and repeats < 1:
         raise SparsefitError(f"--repeats must be at least 1, got {repeats}")
@@ -112,7 +126,8 @@ def bench_command(
         "rows": [r.to_dict() for r in rows],
     }
     if dev.type != "cuda":
-        payload["note"] = "CPU timings; the fused kernel and GPU figures need a CUDA GPU"
+        payload["note"] = "CPU timings (fused = the numba kernels); the GPU figures need a CUDA GPU"
+        payload["threads"] = torch.get_num_threads()
     if json_out:
         emit_json(json_out, payload)
         if json_out == "-":
@@ -120,8 +135,8 @@ def bench_command(
     out_console.print(_table(rows))
     if dev.type != "cuda":
         err_console.print(
-            "[yellow]note:[/] these are CPU timings (PyTorch path vs dense); the fused kernel and the GPU "
-            "figures need a CUDA GPU with Triton (pip install 'sparsefit\\[gpu]').",
+            "[yellow]note:[/] these are CPU timings (fused = the numba kernels); the GPU figures need a "
+            "CUDA GPU with Triton (pip install 'sparsefit\\[gpu]').",
             highlight=False,
             soft_wrap=True,
         )

@@ -22,6 +22,7 @@ Backends (:class:`Backend`):
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.util
 import os
 
@@ -86,6 +87,7 @@ def fused_gpu_available(where: torch.Tensor | torch.device | str) -> bool:
     return gpu.is_available()
 
 
+@functools.cache
 def fused_cpu_available() -> bool:
     """True when the fused CPU kernels can run (numba is installed; nothing is imported)."""
     return importlib.util.find_spec("numba") is not None
@@ -100,7 +102,7 @@ def resolve_backend(backend: str | Backend, device: torch.device | str) -> Backe
         if dev.type == "cuda":
             usable = _auto_may_use_fused() and fused_gpu_available(dev)
             return Backend.CUDA if usable else Backend.TORCH
-        return Backend.TORCH
+        return Backend.CPU if dev.type == "cpu" and fused_cpu_available() else Backend.TORCH
     if b is Backend.CPU and dev.type != "cpu":
         raise SparsefitError(f"the cpu backend runs on CPU tensors, got a {dev.type} tensor; use backend 'auto'")
     if b is Backend.CPU and not fused_cpu_available():
@@ -125,7 +127,9 @@ def dispatch(
     if b is Backend.TORCH:
         return gtilde_torch(x.to(blocks.dtype), blocks, perms, out_features, inv_perms)
     if b is Backend.CPU:
-        raise SparsefitError("the fused CPU apply kernel is not built yet; use backend 'torch'")
+        from .ops import gtilde_fused_cpu
+
+        return gtilde_fused_cpu(x, blocks, perms, out_features, inv_perms)
     from . import gpu
 
     return gpu.gtilde_fused(x, blocks, perms, out_features, inv_perms)

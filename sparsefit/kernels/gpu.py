@@ -3,7 +3,8 @@
 The naming ladder: Triton kernels in :mod:`sparsefit.kernels.gpu_triton` (private) → the
 launchers :func:`forward` / :func:`backward` here → the custom ops ``sparsefit::gtilde_fwd`` and
 ``sparsefit::gtilde_bwd`` (with fake implementations, so ``torch.compile`` traces through them)
-and a registered autograd formula → :func:`gtilde_fused` (the functional, what
+and a registered autograd formula, made by :func:`sparsefit.kernels.ops.define_gtilde_ops` (the
+recipe the CPU kernels share) → :func:`gtilde_fused` (the functional, what
 :func:`sparsefit.kernels.dispatch` calls) → :class:`sparsefit.GTilde` / :class:`sparsefit.SparseLinear`.
 
 Nothing here imports Triton at module import time: the kernels module is imported (and each
@@ -30,6 +31,8 @@ import os
 from typing import Any
 
 import torch
+
+from .ops import define_gtilde_ops
 
 __all__ = [
     "KernelConfig",
@@ -287,67 +290,9 @@ def triton_cdiv(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Custom ops (torch.compile-friendly) and autograd
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("sparsefit::gtilde_fwd", mutates_args=())
-def _gtilde_fwd_op(
-    x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_features: int, save: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward(x, blocks, perms, out_features, save)
-
-
-@_gtilde_fwd_op.register_fake
-def _(x, blocks, perms, out_features, save):
-    depth, n = perms.shape
-    batch = x.shape[0]
-    y = x.new_empty(batch, out_features)
-    saved = x.new_empty(depth if save else 0, batch if save else 0, n if save else 0)
-    return y, saved
-
-
-@torch.library.custom_op("sparsefit::gtilde_bwd", mutates_args=())
-def _gtilde_bwd_op(
-    gy: torch.Tensor,
-    blocks: torch.Tensor,
-    perms: torch.Tensor,
-    inv_perms: torch.Tensor,
-    saved: torch.Tensor,
-    in_features: int,
-    need_x: bool,
-    need_blocks: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    gx, gb = backward(gy, blocks, perms, inv_perms, saved, in_features, need_x, need_blocks)
-    # custom ops return tensors, not None: empty placeholders stand for "not needed"
-    if gx is None:
-        gx = gy.new_empty(0, 0)
-    if gb is None:
-        gb = blocks.new_empty(0, 0, 2, 2)
-    return gx, gb
-
-
-@_gtilde_bwd_op.register_fake
-def _(gy, blocks, perms, inv_perms, saved, in_features, need_x, need_blocks):
-    gx = gy.new_empty(gy.shape[0], in_features) if need_x else gy.new_empty(0, 0)
-    gb = blocks.new_empty(blocks.shape) if need_blocks else blocks.new_empty(0, 0, 2, 2)
-    return gx, gb
-
-
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, blocks, perms, out_features, save = inputs
-    ctx.in_features = x.shape[1]
-    ctx.x_dtype = x.dtype
-    ctx.save_for_backward(blocks, perms, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx: Any, gy: torch.Tensor | None, _gsaved: torch.Tensor | None) -> tuple[Any, ...]:
-    if gy is None:
-        return None, None, None, None, None
-    blocks, perms, saved = ctx.saved_tensors
-    need_x, need_blocks = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-    if need_blocks and saved.shape[0] != blocks.shape[0]:
-        raise RuntimeError("sparsefit: block gradient requested but the forward saved no activations")
-    inv = _inverse_int32(perms)
-    gx, gb = _gtilde_bwd_op(gy.to(ctx.x_dtype), blocks, perms, inv, saved, ctx.in_features, need_x, need_blocks)
-    return (gx if need_x else None), (gb if need_blocks else None), None, None, None
+def _backward_impl(gy, x, blocks, perms, saved, in_features, need_x, need_blocks):  # noqa: ANN001
+    del x  # the activations were saved by the forward
+    return backward(gy, blocks, perms, _inverse_int32(perms), saved, in_features, need_x, need_blocks)
 
 
 def _inverse_int32(perms: torch.Tensor) -> torch.Tensor:
@@ -355,7 +300,7 @@ def _inverse_int32(perms: torch.Tensor) -> torch.Tensor:
     return torch.argsort(perms, dim=1, stable=True).to(torch.int32)
 
 
-torch.library.register_autograd("sparsefit::gtilde_fwd", _backward, setup_context=_setup_context)
+_gtilde_fwd_op = define_gtilde_ops("gtilde", forward, _backward_impl, keeps_activations=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,422 @@
+"""Fused CPU kernels (numba) applying G~ and its gradients: the ``cpu`` backend.
+
+Launchers :func:`forward` and :func:`backward` (same shapes as the GPU launchers in
+:mod:`sparsefit.kernels.gpu`), wrapped as the custom ops ``sparsefit::gtilde_cpu_fwd`` /
+``sparsefit::gtilde_cpu_bwd`` in :mod:`sparsefit.kernels.ops`; the functional is
+:func:`sparsefit.kernels.ops.gtilde_fused_cpu`. The reference is
+:func:`sparsefit.kernels.reference.gtilde_reference` (same contract).
+
+Layout (why it is fast): G~'s parameters are small (``N·n`` 2×2 blocks: 786 KB at n = 4096,
+N = 24) while the dense layer is ``n²``, so the aim is to stream the input once and keep the
+state in cache through all ``N`` layers.
+
+* **Chunks of rows** (batch ≥ :data:`MIN_LANES_BATCH`): ``lanes`` rows at a time, stored
+  feature-major (``state[feature, lane]``), so a permutation gathers whole lane vectors
+  (contiguous loads) and each 2×2 mix is a short SIMD loop over lanes; the two ping-pong state
+  buffers (``2·n·lanes`` values, 512 KB at n = 4096) stay in L2 through every layer. Chunks are
+  spread over threads (``prange``); each row's arithmetic is the same whichever thread runs it.
+* **Rows one by one, along the width** (batches below :data:`MIN_LANES_BATCH`): the state is
+  one vector of ``n`` values (L1-resident up to n = 4096 in float32), one gather and one 2×2 mix
+  per entry and layer. (Storing each layer's output de-interleaved, so that the stores are
+  contiguous and the loop vectorises with SIMD gathers, measured 25 % slower on Zen 4.)
+* **Padding and slicing are fused**: the input is copied into the zero-padded state, the first
+  ``out_features`` entries of the result are written to ``y`` directly.
+* **Backward** recomputes a chunk's forward (only ``x`` is kept from the forward pass, no
+  activations), keeping each layer's state for that chunk, then runs the layers in reverse:
+  the input gradient is scattered through the permutation (a bijection: no write conflicts)
+  and the block gradient is reduced over the chunk's lanes into one of a fixed number of
+  float64 accumulators (:data:`GROUPS`), summed in a fixed order — the same bits for any
+  thread count.
+
+Dtypes: float32 and float64 run natively (arithmetic in the input's dtype); bfloat16 and
+float16 inputs or blocks are stored as such and computed in float32 (converted at the
+boundary). Everything is compiled on first use and cached on disk (``cache=True``); importing
+this module compiles nothing, and ``import sparsefit`` does not import it.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+#: Rows per chunk in the chunked kernels. With 16 (one AVX-512 vector) LLVM's vectorised loop
+#: (8 lanes × 4 interleaved) never runs and the scalar remainder does the work: 0.41 ns per
+#: entry and layer against 0.13 ns with 32 (n = 4096, one Zen 4 core; benchmarks/NOTES.md).
+LANES = 32
+#: Batches below this run row by row (a 32-lane chunk costs about six rows' time).
+MIN_LANES_BATCH = 6
+#: Calls with fewer entry-layer updates than this run on one thread (about 0.3 ms of work).
+PARALLEL_MIN_WORK = 1 << 21
+#: Block-gradient accumulators; fixed, so the result does not depend on the thread count.
+GROUPS = 4
+
+# reassoc/contract let LLVM vectorise and fuse; no 'nnan'/'ninf', so NaN and Inf propagate.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+_JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True, "boundscheck": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels (compiled on first use)
+# ----------------------------------------------------------------------------------------------
+@numba.njit(inline="always", **_JIT)
+def _row_forward(xr, blocks, perms, yr, u, v):  # pragma: no cover - compiled
+    """One row, vectorised along the width: ``u``, ``v`` are scratch vectors of length n."""
+    k = xr.shape[0]
+    depth, n = perms.shape
+    h = n // 2
+    m = yr.shape[0]
+    zero = u.dtype.type(0)
+    for i in range(k):
+        u[i] = xr[i]
+    for i in range(k, n):
+        u[i] = zero
+    src, dst = u, v
+    for j in range(depth):
+        p = perms[j]
+        w = blocks[j]
+        for b in range(h):
+            u0 = src[p[2 * b]]
+            u1 = src[p[2 * b + 1]]
+            dst[2 * b] = w[b, 0, 0] * u0 + w[b, 0, 1] * u1
+            dst[2 * b + 1] = w[b, 1, 0] * u0 + w[b, 1, 1] * u1
+        src, dst = dst, src
+    for i in range(m):
+        yr[i] = src[i]
+
+
+@numba.njit(**_JIT)
+def _fwd_rows_serial(x, blocks, perms, y, work):  # pragma: no cover - compiled
+    for r in range(x.shape[0]):
+        _row_forward(x[r], blocks, perms, y[r], work[0, 0], work[0, 1])
+
+
+@numba.njit(parallel=True, **_JIT)
+def _fwd_rows_parallel(x, blocks, perms, y, work):  # pragma: no cover - compiled
+    for r in numba.prange(x.shape[0]):
+        tid = numba.get_thread_id()
+        _row_forward(x[r], blocks, perms, y[r], work[tid, 0], work[tid, 1])
+
+
+@numba.njit(inline="always", **_JIT)
+def _load_chunk(x, b0, nl, lanes, a):  # pragma: no cover - compiled
+    """Rows ``b0 .. b0+nl`` of ``x`` into feature-major ``a: (n, lanes)``, zero-padded."""
+    k = x.shape[1]
+    n = a.shape[0]
+    zero = a.dtype.type(0)
+    for i in range(k):
+        ai = a[i]
+        for lane in range(nl):
+            ai[lane] = x[b0 + lane, i]
+        for lane in range(nl, lanes):
+            ai[lane] = zero
+    for i in range(k, n):
+        a[i, :] = zero
+
+
+@numba.njit(inline="always", **_JIT)
+def _layer_lanes(src, dst, p, w, lanes):  # pragma: no cover - compiled
+    """``dst = B_j (P_j src)`` on feature-major chunks ``(n, lanes)``."""
+    h = p.shape[0] // 2
+    for b in range(h):
+        s0 = src[p[2 * b]]
+        s1 = src[p[2 * b + 1]]
+        d0 = dst[2 * b]
+        d1 = dst[2 * b + 1]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            d0[lane] = w00 * u0 + w01 * u1
+            d1[lane] = w10 * u0 + w11 * u1
+
+
+@numba.njit(inline="always", **_JIT)
+def _fwd_chunk(x, blocks, perms, y, lanes, ch, src, dst):  # pragma: no cover - compiled
+    """Rows ``ch·lanes ...`` of ``x`` through every layer, ``src``/``dst``: ``(n, lanes)`` scratch."""
+    batch = x.shape[0]
+    depth = perms.shape[0]
+    m = y.shape[1]
+    b0 = ch * lanes
+    nl = min(lanes, batch - b0)
+    _load_chunk(x, b0, nl, lanes, src)
+    for j in range(depth):
+        _layer_lanes(src, dst, perms[j], blocks[j], lanes)
+        src, dst = dst, src
+    for lane in range(nl):
+        yr = y[b0 + lane]
+        for i in range(m):
+            yr[i] = src[i, lane]
+
+
+# ``lanes`` is a runtime value on purpose: a compile-time trip count makes LLVM unroll the lane
+# loops fully and then not vectorise them (see kernels/cpu.py).
+@numba.njit(**_JIT)
+def _fwd_chunks_serial(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
+    for ch in range((x.shape[0] + lanes - 1) // lanes):
+        _fwd_chunk(x, blocks, perms, y, lanes, ch, work[0, 0], work[0, 1])
+
+
+@numba.njit(parallel=True, **_JIT)
+def _fwd_chunks_parallel(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
+    for ch in numba.prange((x.shape[0] + lanes - 1) // lanes):
+        tid = numba.get_thread_id()
+        _fwd_chunk(x, blocks, perms, y, lanes, ch, work[tid, 0], work[tid, 1])
+
+
+@numba.njit(inline="always", **_JIT)
+def _grad_layer_both(src, gout, gin, p, w, acc, lanes):  # pragma: no cover - compiled
+    """One layer of the reverse pass: ``gin = P_jᵀ B_jᵀ gout`` (scattered through the
+    permutation) and ``acc[b] += Σ_lanes gout_pair ⊗ (P_j src)_pair``, in one sweep over lanes."""
+    h = p.shape[0] // 2
+    zero = src.dtype.type(0)
+    for b in range(h):
+        i0 = p[2 * b]
+        i1 = p[2 * b + 1]
+        s0 = src[i0]
+        s1 = src[i1]
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        d0 = gin[i0]
+        d1 = gin[i1]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        s00 = zero
+        s01 = zero
+        s10 = zero
+        s11 = zero
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            s00 += e0 * u0
+            s01 += e0 * u1
+            s10 += e1 * u0
+            s11 += e1 * u1
+            d0[lane] = w00 * e0 + w10 * e1
+            d1[lane] = w01 * e0 + w11 * e1
+        acc[b, 0, 0] += s00
+        acc[b, 0, 1] += s01
+        acc[b, 1, 0] += s10
+        acc[b, 1, 1] += s11
+
+
+@numba.njit(inline="always", **_JIT)
+def _grad_layer_blocks(src, gout, p, acc, lanes):  # pragma: no cover - compiled
+    """The block-gradient half of :func:`_grad_layer_both`."""
+    h = p.shape[0] // 2
+    zero = src.dtype.type(0)
+    for b in range(h):
+        s0 = src[p[2 * b]]
+        s1 = src[p[2 * b + 1]]
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        s00 = zero
+        s01 = zero
+        s10 = zero
+        s11 = zero
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            s00 += e0 * u0
+            s01 += e0 * u1
+            s10 += e1 * u0
+            s11 += e1 * u1
+        acc[b, 0, 0] += s00
+        acc[b, 0, 1] += s01
+        acc[b, 1, 0] += s10
+        acc[b, 1, 1] += s11
+
+
+@numba.njit(inline="always", **_JIT)
+def _grad_layer_input(gout, gin, p, w, lanes):  # pragma: no cover - compiled
+    """The input-gradient half of :func:`_grad_layer_both`."""
+    h = p.shape[0] // 2
+    for b in range(h):
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        d0 = gin[p[2 * b]]
+        d1 = gin[p[2 * b + 1]]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        for lane in range(lanes):
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            d0[lane] = w00 * e0 + w10 * e1
+            d1[lane] = w01 * e0 + w11 * e1
+
+
+@numba.njit(inline="always", **_JIT)
+def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, a, gb, acc):  # pragma: no cover
+    """Group ``g``'s chunks: recompute each chunk's forward (keeping every layer's state in
+    ``a``), then the reverse pass; the block gradient accumulates into ``acc``."""
+    batch = gy.shape[0]
+    k = x.shape[1]
+    depth = perms.shape[0]
+    nchunks = (batch + lanes - 1) // lanes
+    if need_blocks:
+        acc[:] = 0.0
+    c0 = (nchunks * g) // groups
+    c1 = (nchunks * (g + 1)) // groups
+    for ch in range(c0, c1):
+        b0 = ch * lanes
+        nl = min(lanes, batch - b0)
+        if need_blocks:  # the block gradient needs every layer's input
+            _load_chunk(x, b0, nl, lanes, a[0])
+            for j in range(depth - 1):
+                _layer_lanes(a[j], a[j + 1], perms[j], blocks[j], lanes)
+        _load_chunk(gy, b0, nl, lanes, gb[0])
+        cur = 0
+        for j in range(depth - 1, -1, -1):
+            gout = gb[cur]
+            gin = gb[1 - cur]
+            p = perms[j]
+            w = blocks[j]
+            src = a[j if need_blocks else 0]
+            if need_blocks and (need_x or j > 0):
+                _grad_layer_both(src, gout, gin, p, w, acc[j], lanes)
+            elif need_blocks:  # layer 0 without the input gradient
+                _grad_layer_blocks(src, gout, p, acc[j], lanes)
+            else:
+                _grad_layer_input(gout, gin, p, w, lanes)
+            cur = 1 - cur
+        if need_x:
+            g0 = gb[cur]
+            for lane in range(nl):
+                gr = gx[b0 + lane]
+                for i in range(k):
+                    gr[i] = g0[i, lane]
+
+
+@numba.njit(**_JIT)
+def _bwd_serial(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
+    groups = gacc.shape[0]
+    for g in range(groups):
+        _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[0], gbuf[0], gacc[g])
+
+
+@numba.njit(parallel=True, **_JIT)
+def _bwd_parallel(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
+    groups = gacc.shape[0]
+    for g in numba.prange(groups):
+        tid = numba.get_thread_id()
+        _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[tid], gbuf[tid], gacc[g])
+
+
+@numba.njit(**_JIT)
+def _reduce_groups(gacc, out):  # pragma: no cover - compiled
+    groups, depth, h = gacc.shape[0], gacc.shape[1], gacc.shape[2]
+    for j in range(depth):
+        for b in range(h):
+            for r in range(2):
+                for c in range(2):
+                    s = 0.0
+                    for g in range(groups):  # fixed order: deterministic
+                        s += gacc[g, j, b, r, c]
+                    out[j, b, r, c] = s
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+_NATIVE = (torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype for inputs stored in ``dtype`` (float64 stays float64, else float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.detach().numpy()
+
+
+def _perms_numpy(perms: torch.Tensor) -> np.ndarray:
+    # int32 and int64 both run as they are: a conversion per call would cost more than it saves
+    if perms.dtype not in (torch.int32, torch.int64):
+        perms = perms.to(torch.int64)
+    return (perms if perms.is_contiguous() else perms.contiguous()).numpy()
+
+
+def _threads(work: int) -> int:
+    """Threads for a call doing ``work`` entry-layer updates: one below :data:`PARALLEL_MIN_WORK`
+    (waking a thread team costs more than it saves, and on a busy machine a team waits for its
+    slowest member's time slice), else numba's thread count. Results do not depend on it."""
+    return 1 if work < PARALLEL_MIN_WORK else numba.get_num_threads()
+
+
+def forward(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``y = G~ x`` on CPU tensors. x: ``(batch, in_features)``; blocks ``(depth, n/2, 2, 2)``;
+    perms ``(depth, n)`` integer; returns ``(batch, out_features)`` in ``x``'s dtype."""
+    cdt = compute_dtype(torch.promote_types(x.dtype, blocks.dtype))
+    batch = x.shape[0]
+    depth, n = perms.shape
+    xn = _as_numpy(x, cdt)
+    bn = _as_numpy(blocks, cdt)
+    pn = _perms_numpy(perms)
+    y = torch.empty(batch, out_features, dtype=cdt)
+    if batch == 0:
+        return y.to(x.dtype)
+    yn = y.numpy()
+    threads = _threads(batch * n * depth)
+    npdt = xn.dtype
+    if batch < MIN_LANES_BATCH:
+        work = np.empty((threads, 2, n), dtype=npdt)
+        (_fwd_rows_serial if threads == 1 else _fwd_rows_parallel)(xn, bn, pn, yn, work)
+    else:
+        work = np.empty((threads, 2, n, LANES), dtype=npdt)
+        (_fwd_chunks_serial if threads == 1 else _fwd_chunks_parallel)(xn, bn, pn, yn, LANES, work)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def backward(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    perms: torch.Tensor,
+    need_x: bool,
+    need_blocks: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``y = G~ x`` given ``gy = ∂L/∂y``: ``(∂x, ∂blocks)`` (``None`` where not
+    needed). ``∂x`` has ``x``'s dtype, ``∂blocks`` the blocks' dtype."""
+    cdt = compute_dtype(torch.promote_types(x.dtype, blocks.dtype))
+    batch, k = x.shape
+    depth, n = perms.shape
+    h = n // 2
+    gx = torch.empty(batch, k, dtype=cdt) if need_x else None
+    gb = None
+    if need_blocks:
+        gb = (torch.zeros if batch == 0 else torch.empty)(depth, h, 2, 2, dtype=cdt)
+    if batch == 0 or not (need_x or need_blocks):
+        return (gx.to(x.dtype) if gx is not None else None), (gb.to(blocks.dtype) if gb is not None else None)
+    gyn = _as_numpy(gy, cdt)
+    xn = _as_numpy(x, cdt)
+    bn = _as_numpy(blocks, cdt)
+    pn = _perms_numpy(perms)
+    threads = _threads(3 * batch * n * depth)
+    lanes = min(LANES, batch)
+    nchunks = -(-batch // lanes)
+    groups = min(GROUPS, nchunks)
+    npdt = xn.dtype
+    act = np.empty((threads, depth if need_blocks else 1, n, lanes), dtype=npdt)
+    gbuf = np.empty((threads, 2, n, lanes), dtype=npdt)
+    gacc = np.empty((groups, depth, h, 2, 2) if need_blocks else (groups, 0, 0, 2, 2), dtype=np.float64)
+    gxn = gx.numpy() if gx is not None else np.empty((0, 0), dtype=npdt)
+    (_bwd_serial if threads == 1 else _bwd_parallel)(gyn, xn, bn, pn, gxn, lanes, need_x, need_blocks, act, gbuf, gacc)
+    if gb is not None:
+        _reduce_groups(gacc, gb.numpy())
+    return (gx.to(x.dtype) if gx is not None else None), (gb.to(blocks.dtype) if gb is not None else None)
