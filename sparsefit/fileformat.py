@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -104,8 +105,24 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+class _Stream(io.BufferedIOBase):
+    """A device or pipe as a plain writable stream (numpy's fast path would seek in a real file)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def _write_failed(p: Path, e: OSError, stream: bool) -> SparsefitError:
-    why = e.strerror or type(e).__name__
+    why = e.strerror or str(e) or type(e).__name__
     hint = "free some space or choose another output" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
     left = "the output is incomplete" if stream else f"{p} was left as it was" if p.exists() else "nothing was written"
     return SparsefitError(f"cannot write {p}: {why} ({hint}); {left}")
@@ -128,7 +145,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     if stream:
         try:
             with open(final, "wb") as f:
-                yield f
+                yield _Stream(f)
         except OSError as e:
             raise _write_failed(p, e, True) from None
         return

@@ -1,12 +1,15 @@
 """The CLI's promises about files: outputs never destroy what was there, readers never over-allocate."""
 
+import io
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from sparsefit import synth
 from sparsefit.cli import app
 
 runner = CliRunner()
@@ -122,3 +125,22 @@ def test_a_fortran_order_npy_reads_the_same(tmp_path):
     np.save(tmp_path / "f.npy", a)
     got = read_npy(tmp_path / "f.npy")
     assert np.array_equal(got, a) and got.flags.writeable
+
+
+def test_dev_stdout_is_written_into_whether_a_pipe_or_a_file(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "sparsefit", "synth", "perm", "--size", "8", "-o", "/dev/stdout"]
+    piped = subprocess.run(cmd, capture_output=True, env=env, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    expect = synth("perm", 8, 3, 0)
+    assert np.array_equal(np.load(io.BytesIO(piped.stdout)), expect)
+    target = tmp_path / "redirected.npy"
+    target.write_bytes(b"")
+    inode = target.stat().st_ino
+    with open(target, "wb") as f:
+        assert subprocess.run(cmd, stdout=f, env=env, timeout=120).returncode == 0
+    assert target.stat().st_ino == inode and np.array_equal(np.load(target), expect)
+    assert [p.name for p in tmp_path.iterdir()] == ["redirected.npy"]
