@@ -174,6 +174,19 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         raise
 
 
+#: The name :func:`atomic_output` gives its temporary file: ``.<name>.<8 hex digits>.part``.
+_TEMP_NAME = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.part$")
+
+
+def temp_file_target(name: str) -> str | None:
+    """The output name that ``name`` was a temporary file of :func:`atomic_output` for, else None.
+
+    A process killed while writing leaves such a file behind; a resumed run removes it.
+    """
+    m = _TEMP_NAME.match(name)
+    return m.group(1) if m else None
+
+
 def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (and string ``metadata``) to the open file ``f`` in the safetensors format.
 

@@ -38,7 +38,7 @@ class LayerRecord:
     svd_relative_error: float | None
     depths_tried: list[int]
     errors_tried: list[float]
-    seconds: float
+    seconds: float = 0.0  # fitting time: in reports only, never in files (same command, same bytes)
     reason: str = ""
     file: str = ""
     rank: int = 0
@@ -48,6 +48,12 @@ class LayerRecord:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
+        return d
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the run's timing: what layer files and the manifest store."""
+        d = self.to_dict()
+        del d["seconds"]
         return d
 
     @classmethod

@@ -4,7 +4,8 @@ One shard and one weight are in memory at a time. Per-layer files are written at
 carry the settings that produced them, so an interrupted run resumes: layers whose file is there
 with matching settings are skipped. Layers are split round-robin across ``torch.distributed``
 ranks (``torchrun``, see :mod:`.distributed`); rank 0 writes the untouched tensors and, after a
-barrier, the manifest.
+barrier, the manifest. The files hold no timings, so the same command gives the same bytes, also
+when a killed run (even SIGKILL mid-write) is resumed; a rank that fails stops the others.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..checkpoint import FLOAT_DTYPES, Checkpoint, TensorEntry, copy_passthrough
 from ..errors import SparsefitError
 from ..fitting import _emit as emit
 from .config import CompressConfig, LayerPlan, select_layers
-from .distributed import barrier, dist_info
+from .distributed import RankGroup, dist_info
 from .format import MANIFEST_FORMAT, MANIFEST_VERSION, read_layer_header, write_layer
 from .layer import LayerRecord, fit_layer, uniform_budgets
 
@@ -65,8 +66,10 @@ class CompressReport:
             "params_saved": sel_before - sel_after,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, run: bool = True) -> dict[str, Any]:
+        """The report as JSON; ``run=False`` (the manifest) leaves out what differs between runs of
+        the same command (seconds, which layers were resumed), so it always gives the same bytes."""
+        d = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
             "source": self.source,
@@ -75,12 +78,13 @@ class CompressReport:
             "config": self.config,
             "totals": self.totals(),
             "kept_fraction": self.kept_fraction,
-            "layers": [r.to_dict() for r in self.layers],
+            "layers": [r.to_dict() if run else r.to_file_dict() for r in self.layers],
             "dense_files": self.dense_files,
             "copied": self.copied,
-            "resumed_layers": self.skipped,
-            "seconds": self.seconds,
         }
+        if run:
+            d.update(resumed_layers=self.skipped, seconds=self.seconds)
+        return d
 
 
 def plan_checkpoint(source: str | os.PathLike[str], config: CompressConfig) -> tuple[Checkpoint, list[LayerPlan]]:
@@ -121,9 +125,12 @@ def open_stats(
         acts = ActivationStats(config.calibration)
         return acts, acts.fingerprint()
     path = out / STATS_FILE
-    if dist_info()[0] == 0:
-        text_stats(source, [p.name for p in plans], config.calibration, path, seed=config.fit.seed, callbacks=callbacks)
-    barrier()
+    with RankGroup() as group:
+        if group.rank == 0:
+            text_stats(
+                source, [p.name for p in plans], config.calibration, path, seed=config.fit.seed, callbacks=callbacks
+            )
+        group.barrier()
     stats = StatsFile(path)
     return stats, stats.key
 
@@ -179,75 +186,100 @@ def compress_checkpoint(
     prepare_output(out)
     rank, world = dist_info()
     (out / "layers").mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(out, {f"{p.index:05d}.safetensors" for p in plans if p.index % world == rank}, rank == 0)
     stats_source, calib_fp = open_stats(source, plans, config, out, callbacks)
     budgets = uniform_budgets({p.name: p.shape for p in plans}, config)
     emit(callbacks, "on_plan", plans)
 
     skipped: list[str] = []
     dense_files: list[str] = []
+    seconds: dict[str, float] = {}
     n_shards = len(ckpt.shards)
     selected = {p.name for p in plans}
-    for s in range(n_shards):
-        mine = [p for p in plans if p.entry.shard == s and p.index % world == rank]
-        untouched = [e for e in ckpt.shard_entries(s) if e.name not in selected]
-        dense_name = f"dense-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        if untouched:
-            dense_files.append(dense_name)
-        if not mine and not (rank == 0 and untouched):
-            continue
-        with ckpt.shard(s) as reader:
-            for plan in mine:
-                key = _layer_key(config, plan, calib_fp)
-                path = out / "layers" / f"{plan.index:05d}.safetensors"
-                header = read_layer_header(path)
-                if header is not None and header.get("key") == key:
-                    skipped.append(plan.name)
-                    emit(callbacks, "on_layer_end", plan, LayerRecord.from_dict(header["record"]), True)
-                    continue
-                emit(callbacks, "on_layer_start", plan)
-                a = reader.get(plan.name)
-                if not torch.isfinite(a).all():
-                    raise SparsefitError(f"{plan.name}: the weight contains NaN or Inf")
-                w = a.float().t().contiguous() if plan.transposed else a.float()
-                stats = stats_source.get(plan.name) if stats_source is not None else None
-                rep, rec = fit_layer(w, stats, budgets[plan.name], config, name=plan.name, callbacks=callbacks)
-                rec.dtype, rec.rank, rec.file = plan.entry.dtype, rank, f"layers/{path.name}"
-                rec.transposed = plan.transposed
-                write_layer(path, plan.module, rec.to_dict(), rep, a, plan.name, key)
-                emit(callbacks, "on_layer_end", plan, rec, False)
-                del a, w, rep, stats
-            if rank == 0 and untouched:
-                _write_dense(out / dense_name, reader, untouched, str(ckpt.shards[s].name))
-    barrier()
+    with RankGroup() as group:
+        for s in range(n_shards):
+            mine = [p for p in plans if p.entry.shard == s and p.index % world == rank]
+            untouched = [e for e in ckpt.shard_entries(s) if e.name not in selected]
+            dense_name = f"dense-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+            if untouched:
+                dense_files.append(dense_name)
+            if not mine and not (rank == 0 and untouched):
+                continue
+            with ckpt.shard(s) as reader:
+                for plan in mine:
+                    group.check()
+                    key = _layer_key(config, plan, calib_fp)
+                    path = out / "layers" / f"{plan.index:05d}.safetensors"
+                    header = read_layer_header(path)
+                    if header is not None and header.get("key") == key:
+                        skipped.append(plan.name)
+                        emit(callbacks, "on_layer_end", plan, LayerRecord.from_dict(header["record"]), True)
+                        continue
+                    emit(callbacks, "on_layer_start", plan)
+                    a = reader.get(plan.name)
+                    if not torch.isfinite(a).all():
+                        raise SparsefitError(f"{plan.name}: the weight contains NaN or Inf")
+                    w = a.float().t().contiguous() if plan.transposed else a.float()
+                    stats = stats_source.get(plan.name) if stats_source is not None else None
+                    rep, rec = fit_layer(w, stats, budgets[plan.name], config, name=plan.name, callbacks=callbacks)
+                    rec.dtype, rec.rank, rec.file = plan.entry.dtype, rank, f"layers/{path.name}"
+                    rec.transposed = plan.transposed
+                    _withdraw_manifest(out)
+                    write_layer(path, plan.module, rec.to_file_dict(), rep, a, plan.name, key)
+                    seconds[plan.name] = rec.seconds
+                    emit(callbacks, "on_layer_end", plan, rec, False)
+                    del a, w, rep, stats
+                if rank == 0 and untouched:
+                    _write_dense(out, dense_name, reader, untouched, str(ckpt.shards[s].name))
+        group.barrier()
 
-    records = []
-    for plan in plans:
-        path = out / "layers" / f"{plan.index:05d}.safetensors"
-        header = read_layer_header(path)
-        if header is None or header.get("key") != _layer_key(config, plan, calib_fp):
-            raise SparsefitError(f"{path}: layer file missing or stale after the run; rerun to resume")
-        records.append(LayerRecord.from_dict(header["record"]))
-    total = sum(e.numel for e in ckpt.entries if e.dtype in FLOAT_DTYPES)
-    report = CompressReport(
-        str(source), str(out), records, total, dense_files=dense_files, skipped=skipped, config=config.to_dict()
-    )
-    if rank == 0:
-        report.copied = copy_passthrough(ckpt.passthrough_files(), out)
-        report.seconds = time.perf_counter() - t_start
-        from ..fileformat import save_text
+        records = []
+        for plan in plans:
+            path = out / "layers" / f"{plan.index:05d}.safetensors"
+            header = read_layer_header(path)
+            if header is None or header.get("key") != _layer_key(config, plan, calib_fp):
+                raise SparsefitError(f"{path}: layer file missing or stale after the run; rerun to resume")
+            records.append(LayerRecord.from_dict({**header["record"], "seconds": seconds.get(plan.name, 0.0)}))
+        total = sum(e.numel for e in ckpt.entries if e.dtype in FLOAT_DTYPES)
+        report = CompressReport(
+            str(source), str(out), records, total, dense_files=dense_files, skipped=skipped, config=config.to_dict()
+        )
+        if rank == 0:
+            report.copied = copy_passthrough(ckpt.passthrough_files(), out)
+            from ..fileformat import save_text
 
-        save_text(out / "manifest.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    barrier()
+            save_text(out / "manifest.json", json.dumps(report.to_dict(run=False), indent=2) + "\n")
+        group.barrier(last=True)
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-def _write_dense(path: Path, reader: Any, entries: list[TensorEntry], shard_name: str) -> None:
+def _withdraw_manifest(out: Path) -> None:
+    """Remove the manifest before the folder changes: until it is written again, the folder reads
+    as unfinished (so a run stopped part-way, e.g. by a full disk, never leaves a manifest that
+    describes other layer files than those on disk)."""
+    (out / "manifest.json").unlink(missing_ok=True)
+
+
+def _remove_temp_files(out: Path, layer_files: set[str], top_level: bool) -> None:
+    """Remove temporary files that a killed run left: of this rank's layer files, and of the
+    folder's own files (dense shards, copies, manifest) when ``top_level`` (rank 0)."""
+    from ..fileformat import temp_file_target
+
+    for folder, mine in ((out / "layers", lambda n: n in layer_files), (out, lambda n: top_level)):
+        for p in folder.iterdir():
+            target = temp_file_target(p.name)
+            if target is not None and mine(target) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
+def _write_dense(out: Path, name: str, reader: Any, entries: list[TensorEntry], shard_name: str) -> None:
     """Write one shard's untouched tensors (skipped when an identical file is already there)."""
     from safetensors import safe_open
 
     from ..fileformat import save_safetensors
 
+    path = out / name
     want = {"source_shard": shard_name, "tensors": json.dumps([[e.name, list(e.shape), e.dtype] for e in entries])}
     if path.is_file():
         try:
@@ -257,4 +289,5 @@ def _write_dense(path: Path, reader: Any, entries: list[TensorEntry], shard_name
         except Exception:  # a damaged file is rewritten
             pass
     tensors = {e.name: reader.get(e.name).contiguous() for e in entries}
+    _withdraw_manifest(out)
     save_safetensors(path, tensors, metadata=want)
