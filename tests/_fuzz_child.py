@@ -69,7 +69,14 @@ def main() -> None:
         t = load_target(p, key="w" if p.suffix in (".safetensors", ".pt") or "keyed" in p.name else None)
         t.prepare(torch.device("cpu"), torch.float64)
 
+    def compressed(p: Path) -> None:
+        from sparsefit.compress import load_compressed
+        from tests.test_compress import Tiny
+
+        load_compressed(Tiny(), p)
+
     readers = {
+        "compressed": compressed,
         "target": target,
         "npy": read_npy,
         "sparsefit": load,

@@ -317,6 +317,53 @@ def _checkpoint_folders(d: Path) -> list[tuple[Path, str]]:
     return folders
 
 
+def _compressed_folders(d: Path) -> list[Path]:
+    """A compressed folder (``sparsefit compress`` of a tiny model), then copies with one file damaged."""
+    import shutil
+
+    from sparsefit.compress import CompressConfig, compress_checkpoint
+
+    from .test_compress import FAST_CFG, tiny_state, write_sharded
+
+    _, state = tiny_state()
+    valid = d / "compressed-valid"
+    compress_checkpoint(write_sharded(d / "tiny", state), valid, CompressConfig(**FAST_CFG))
+    manifest = json.loads((valid / "manifest.json").read_text())
+    folders = [valid]
+
+    def variant(name: str, rel: str, data: bytes) -> None:
+        f = d / f"compressed-{name}"
+        shutil.copytree(valid, f)
+        (f / rel).write_bytes(data)
+        folders.append(f)
+
+    def edited(**changes) -> bytes:
+        return json.dumps({**manifest, **changes}).encode()
+
+    layer0 = manifest["layers"][0]
+    for name, data in [
+        ("layers-dict", edited(layers={"a": 1})),
+        ("layer-int", edited(layers=[5])),
+        ("file-up", edited(layers=[{**layer0, "file": "../../tiny/config.json"}])),
+        ("file-abs", edited(layers=[{**layer0, "file": "/etc/passwd"}])),
+        ("shape", edited(layers=[{**layer0, "shape": [10**9, -1]}])),
+        ("status", edited(layers=[{**layer0, "status": 3}])),
+        ("dense-abs", edited(dense_files=["/etc/passwd"])),
+        ("dense-missing", edited(dense_files=["nope.safetensors"])),
+        ("deep", b"[" * 100000),
+        ("version", edited(format_version=10**40)),
+    ]:
+        variant(name, "manifest.json", data)
+    variant("dense-shape", manifest["dense_files"][0], _st_bytes({"head.weight": torch.zeros(3, 3)}))
+    raw_manifest = (valid / "manifest.json").read_bytes()
+    for j, blob in enumerate(_damaged(raw_manifest, seed=7)[::4]):
+        variant(f"manifest-{j}", "manifest.json", blob)
+    for rel in (layer0["file"], manifest["dense_files"][0]):
+        for j, blob in enumerate(_damaged((valid / rel).read_bytes(), seed=8)[::3]):
+            variant(f"{Path(rel).stem}-{j}", rel, blob)
+    return folders
+
+
 def _damaged(data: bytes, seed: int) -> list[bytes]:
     """Truncations at many offsets and single-byte flips (half of them in the first 256 bytes)."""
     n = len(data)
@@ -351,6 +398,8 @@ def results(tmp_path_factory):
             cases.append((name, reader, str(q)))
     for folder, _ in _checkpoint_folders(d):
         cases.append(("checkpoint", "checkpoint", str(folder)))
+    for folder in _compressed_folders(d):
+        cases.append(("compressed", "compressed", str(folder)))
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2", PYTHONPATH=str(Path(__file__).parents[1]))
     lines: list[dict] = []
     while len(lines) < len(cases):  # a case that kills the child is recorded, and the rest go on
@@ -393,6 +442,7 @@ GROUPS = [
     "h.safetensors",
     "calib.safetensors",
     "checkpoint",
+    "compressed",
 ]
 
 
@@ -495,10 +545,10 @@ def test_the_seeds_are_valid(tmp_path):
     p = tmp_path / "m.safetensors"
     save_safetensors(p, {"w": torch.zeros(2, 3)})
     assert load_target(p).shape == (2, 3)
-    assert set(GROUPS) == set(seeds) | {"checkpoint"}
+    assert set(GROUPS) == set(seeds) | {"checkpoint", "compressed"}
 
 
-@pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("f.npy", "h.safetensors")])
+@pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("f.npy", "h.safetensors", "compressed")])
 def test_cli_damaged_file_is_one_line_and_exit_2(results, group):
     """A sample of the damaged files through the CLI: one ``error:`` line, exit code 2."""
     from typer.testing import CliRunner

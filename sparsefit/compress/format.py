@@ -41,14 +41,38 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SparsefitError(f"{p}: not a compressed model folder (no manifest.json)")
     try:
         man = json.loads(mpath.read_text())
-    except (OSError, ValueError) as e:
-        raise SparsefitError(f"{mpath}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise SparsefitError(f"{mpath}: not valid JSON ({str(e)[:120]})") from None
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
         raise SparsefitError(f"{mpath}: not a {MANIFEST_FORMAT} manifest")
     v = man.get("format_version")
     if not isinstance(v, int) or not (1 <= v <= MANIFEST_VERSION):
         raise SparsefitError(f"{mpath}: format_version {v!r} is not supported; upgrade sparsefit")
+    _check_manifest(man, mpath)
     return man
+
+
+def _check_manifest(man: dict[str, Any], where: Path) -> None:
+    """The fields a loader relies on have the right types, and every file named lies in the folder."""
+    layers, dense = man.get("layers"), man.get("dense_files", [])
+    ok = isinstance(layers, list) and isinstance(dense, list) and all(_inside(f) for f in dense)
+    for rec in layers if ok else []:
+        ok = ok and (
+            isinstance(rec, dict)
+            and isinstance(rec.get("name"), str)
+            and rec.get("status") in ("compressed", "dense")
+            and _inside(rec.get("file"))
+            and isinstance(rec.get("shape"), list)
+            and len(rec["shape"]) == 2
+            and all(type(s) is int and s > 0 for s in rec["shape"])
+        )
+    if not ok:
+        raise SparsefitError(f"{where}: the manifest's layer or file list is damaged; rerun compress to rewrite it")
+
+
+def _inside(name: Any) -> bool:
+    """``name`` is a relative path that stays inside the folder."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def read_layer_header(path: Path) -> dict[str, Any] | None:
@@ -95,15 +119,22 @@ def load_layer(
 
     from safetensors.torch import load_file
 
+    from ..headers import safetensors_header
+
     path = folder / rec["file"]
     header = read_layer_header(path)
     if header is None:
         raise SparsefitError(f"{path}: missing or not a sparsefit layer file")
+    safetensors_header(path)
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise SparsefitError(f"{path}: cannot read tensors ({e}); the file may be truncated") from None
     if rec["status"] != "compressed":
+        if rec["name"] not in tensors:
+            raise SparsefitError(f"{path}: holds no tensor {rec['name']!r}; the folder is damaged, rerun compress")
         return None, tensors
+    if not isinstance(header.get("operator", {}), dict):
+        raise SparsefitError(f"{path}: the layer header's operator is damaged; rerun compress")
     module = re.sub(r"\.weight$", "", rec["name"])
     return Replacement.from_tensors(tensors, header, module, str(path), device), {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsefitError
+from ..headers import safetensors_header
 from .format import load_layer, read_manifest
 from .replacement import Replacement
 
@@ -110,12 +111,18 @@ def load_compressed(
     loaded: set[str] = set()
     unexpected: list[str] = []
 
+    state = model.state_dict()
+
     def load_part(part: dict[str, torch.Tensor]) -> None:
         mapped = {}
         for name, t in part.items():
             key = resolve(name)
             if key is None:
                 unexpected.append(name)
+            elif tuple(t.shape) != tuple(state[key].shape):
+                raise SparsefitError(
+                    f"{folder}: tensor {name!r} has shape {tuple(t.shape)}, the model's {key} {tuple(state[key].shape)}"
+                )
             else:
                 mapped[key] = t
         model.load_state_dict(mapped, strict=False)
@@ -125,6 +132,8 @@ def load_compressed(
         load_part(part)
     for fname in man.get("dense_files", []):
         fpath = folder / fname
+        if fpath.is_file():
+            safetensors_header(fpath)
         try:
             with safe_open(str(fpath), framework="pt") as f:
                 part = {k: f.get_tensor(k) for k in f.keys()}
