@@ -51,6 +51,50 @@ def _mix(g0, g1, blk_ptr, j, n_w, hcols, hmask, ACC: tl.constexpr, TRANSPOSE: tl
 
 
 @triton.jit
+def _row_tile(tile, BB: tl.constexpr, B):
+    """Rows ``tile·BB …`` of the batch: indices, in-batch mask and int64 indices for addressing."""
+    rows = tile * BB + tl.arange(0, BB)
+    return rows, rows < B, rows.to(tl.int64)
+
+
+@triton.jit
+def _load_rows(ptr, rows64, stride, cols, rmask, limit, ACC: tl.constexpr):
+    """A ``(rows, cols)`` tile of a row-major matrix in ``ACC``; columns ``>= limit`` (the zero
+    padding up to the width) and rows outside the batch read as 0."""
+    mask = rmask[:, None] & (cols[None, :] < limit)
+    return tl.load(ptr + rows64[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_rows(ptr, rows64, stride, cols, rmask, limit, val):
+    """Store a ``(rows, cols)`` tile, keeping the first ``limit`` columns (the output slice)."""
+    mask = rmask[:, None] & (cols[None, :] < limit)
+    tl.store(ptr + rows64[:, None] * stride + cols[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pair_perm(perm_ptr, j, n_w, hcols, hmask):
+    """``perms[j][2b]`` and ``perms[j][2b + 1]`` for the pairs ``b`` in ``hcols``."""
+    base = perm_ptr + j * n_w + 2 * hcols
+    return tl.load(base, mask=hmask, other=0), tl.load(base + 1, mask=hmask, other=0)
+
+
+@triton.jit
+def _gather_cols(z, idx_ptr, cols, cmask, BB: tl.constexpr, NP: tl.constexpr):
+    """``out[r, i] = z[r, idx[i]]`` for an on-chip ``(BB, NP)`` tile (one full-width gather)."""
+    idx = tl.load(idx_ptr + cols, mask=cmask, other=0)
+    return tl.gather(z, tl.broadcast_to(idx[None, :], (BB, NP)), 1)
+
+
+@triton.jit
+def _store_layer_pairs(ptr, rows64, j, B, n_w, hcols, m2, a0, a1):
+    """Store layer ``j``'s pair halves ``(a0, a1)`` into the ``(depth, B, n)`` buffer at ``ptr``."""
+    off = (rows64 + j * B)[:, None] * n_w + 2 * hcols[None, :]
+    tl.store(ptr + off, a0.to(ptr.dtype.element_ty), mask=m2)
+    tl.store(ptr + off + 1, a1.to(ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
 def fwd_fused(
     x_ptr,
     blk_ptr,
@@ -72,31 +116,21 @@ def fwd_fused(
 ):
     """All layers for ``BB`` rows: ``y[rows] = G~ x[rows]``; optionally saves each gathered input."""
     HP: tl.constexpr = NP // 2
-    pid = tl.program_id(0)
-    rows = pid * BB + tl.arange(0, BB)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64 = _row_tile(tl.program_id(0), BB, B)
     cols = tl.arange(0, NP)
     hcols = tl.arange(0, HP)
     hmask = hcols < n_w // 2
     cmask = cols < n_w
-    z = tl.load(
-        x_ptr + rows64[:, None] * stride_x + cols[None, :],
-        mask=rmask[:, None] & (cols[None, :] < K),
-        other=0.0,
-    ).to(ACC)
+    z = _load_rows(x_ptr, rows64, stride_x, cols, rmask, K, ACC)
     for j in range(depth):
-        pbase = perm_ptr + j * n_w
         if PAIR_GATHER:
             # two half-width gathers, one per member of each pair
-            p0 = tl.load(pbase + 2 * hcols, mask=hmask, other=0)
-            p1 = tl.load(pbase + 2 * hcols + 1, mask=hmask, other=0)
+            p0, p1 = _pair_perm(perm_ptr, j, n_w, hcols, hmask)
             g0 = tl.gather(z, tl.broadcast_to(p0[None, :], (BB, HP)), 1)
             g1 = tl.gather(z, tl.broadcast_to(p1[None, :], (BB, HP)), 1)
         else:
             # one full-width gather, then split the interleaved pairs
-            p = tl.load(pbase + cols, mask=cmask, other=0)
-            g = tl.gather(z, tl.broadcast_to(p[None, :], (BB, NP)), 1)
+            g = _gather_cols(z, perm_ptr + j * n_w, cols, cmask, BB, NP)
             g0, g1 = tl.split(tl.reshape(g, (BB, HP, 2)))
         if SAVE:
             gs = tl.reshape(tl.join(g0, g1), (BB, NP))
@@ -104,11 +138,7 @@ def fwd_fused(
             tl.store(save_ptr + soff, gs.to(save_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         y0, y1 = _mix(g0, g1, blk_ptr, j, n_w, hcols, hmask, ACC, False)
         z = tl.reshape(tl.join(y0, y1), (BB, NP))
-    tl.store(
-        y_ptr + rows64[:, None] * stride_y + cols[None, :],
-        z.to(y_ptr.dtype.element_ty),
-        mask=rmask[:, None] & (cols[None, :] < M),
-    )
+    _store_rows(y_ptr, rows64, stride_y, cols, rmask, M, z)
 
 
 @triton.jit
@@ -134,19 +164,12 @@ def bwd_fused(
     """``gx[rows] = G~ᵀ gy[rows]`` (layers reversed, blocks transposed, inverse gathers);
     optionally stores the gradient of every layer's output for the block gradient."""
     HP: tl.constexpr = NP // 2
-    pid = tl.program_id(0)
-    rows = pid * BB + tl.arange(0, BB)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64 = _row_tile(tl.program_id(0), BB, B)
     cols = tl.arange(0, NP)
     hcols = tl.arange(0, HP)
     hmask = hcols < n_w // 2
     cmask = cols < n_w
-    d = tl.load(
-        gy_ptr + rows64[:, None] * stride_gy + cols[None, :],
-        mask=rmask[:, None] & (cols[None, :] < M),
-        other=0.0,
-    ).to(ACC)
+    d = _load_rows(gy_ptr, rows64, stride_gy, cols, rmask, M, ACC)
     for jj in range(depth):
         j = depth - 1 - jj
         if STORE_V:
@@ -155,14 +178,9 @@ def bwd_fused(
         d0, d1 = tl.split(tl.reshape(d, (BB, HP, 2)))
         u0, u1 = _mix(d0, d1, blk_ptr, j, n_w, hcols, hmask, ACC, True)
         u = tl.reshape(tl.join(u0, u1), (BB, NP))
-        q = tl.load(inv_ptr + j * n_w + cols, mask=cmask, other=0)
-        d = tl.gather(u, tl.broadcast_to(q[None, :], (BB, NP)), 1)
+        d = _gather_cols(u, inv_ptr + j * n_w, cols, cmask, BB, NP)
     if STORE_X:
-        tl.store(
-            gx_ptr + rows64[:, None] * stride_gx + cols[None, :],
-            d.to(gx_ptr.dtype.element_ty),
-            mask=rmask[:, None] & (cols[None, :] < K),
-        )
+        _store_rows(gx_ptr, rows64, stride_gx, cols, rmask, K, d)
 
 
 @triton.jit
@@ -188,21 +206,16 @@ def fwd_layer(
 
     ``src`` has ``K_src`` valid columns (reads beyond are the zero padding), ``dst`` keeps the
     first ``M_dst`` columns (the output slice on the last layer)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows, rmask, rows64 = _row_tile(tl.program_id(0), BR, B)
     hcols = tl.program_id(1) * BH + tl.arange(0, BH)
-    rmask = rows < B
     hmask = hcols < n_w // 2
-    rows64 = rows.to(tl.int64)
-    p0 = tl.load(perm_ptr + j * n_w + 2 * hcols, mask=hmask, other=0)
-    p1 = tl.load(perm_ptr + j * n_w + 2 * hcols + 1, mask=hmask, other=0)
+    p0, p1 = _pair_perm(perm_ptr, j, n_w, hcols, hmask)
     m2 = rmask[:, None] & hmask[None, :]
     src_rows = src_ptr + rows64[:, None] * stride_src
     g0 = tl.load(src_rows + p0[None, :], mask=m2 & (p0[None, :] < K_src), other=0.0).to(ACC)
     g1 = tl.load(src_rows + p1[None, :], mask=m2 & (p1[None, :] < K_src), other=0.0).to(ACC)
     if SAVE:
-        soff = (rows64 + j * B)[:, None] * n_w + 2 * hcols[None, :]
-        tl.store(save_ptr + soff, g0.to(save_ptr.dtype.element_ty), mask=m2)
-        tl.store(save_ptr + soff + 1, g1.to(save_ptr.dtype.element_ty), mask=m2)
+        _store_layer_pairs(save_ptr, rows64, j, B, n_w, hcols, m2, g0, g1)
     y0, y1 = _mix(g0, g1, blk_ptr, j, n_w, hcols, hmask, ACC, False)
     dst = dst_ptr + rows64[:, None] * stride_dst + 2 * hcols[None, :]
     tl.store(dst, y0.to(dst_ptr.dtype.element_ty), mask=m2 & (2 * hcols[None, :] < M_dst))
@@ -230,22 +243,17 @@ def bwd_layer(
 ):
     """Transpose of layer ``j`` on global-memory state: ``dst = P_jᵀ B_jᵀ src`` (a scatter
     through ``perms[j]``; a permutation, so every destination is written once)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows, rmask, rows64 = _row_tile(tl.program_id(0), BR, B)
     hcols = tl.program_id(1) * BH + tl.arange(0, BH)
-    rmask = rows < B
     hmask = hcols < n_w // 2
-    rows64 = rows.to(tl.int64)
     m2 = rmask[:, None] & hmask[None, :]
     src = src_ptr + rows64[:, None] * stride_src + 2 * hcols[None, :]
     d0 = tl.load(src, mask=m2 & (2 * hcols[None, :] < M_src), other=0.0).to(ACC)
     d1 = tl.load(src + 1, mask=m2 & (2 * hcols[None, :] + 1 < M_src), other=0.0).to(ACC)
     if STORE_V:
-        voff = (rows64 + j * B)[:, None] * n_w + 2 * hcols[None, :]
-        tl.store(v_ptr + voff, d0.to(v_ptr.dtype.element_ty), mask=m2)
-        tl.store(v_ptr + voff + 1, d1.to(v_ptr.dtype.element_ty), mask=m2)
+        _store_layer_pairs(v_ptr, rows64, j, B, n_w, hcols, m2, d0, d1)
     u0, u1 = _mix(d0, d1, blk_ptr, j, n_w, hcols, hmask, ACC, True)
-    p0 = tl.load(perm_ptr + j * n_w + 2 * hcols, mask=hmask, other=0)
-    p1 = tl.load(perm_ptr + j * n_w + 2 * hcols + 1, mask=hmask, other=0)
+    p0, p1 = _pair_perm(perm_ptr, j, n_w, hcols, hmask)
     dst_rows = dst_ptr + rows64[:, None] * stride_dst
     tl.store(dst_rows + p0[None, :], u0.to(dst_ptr.dtype.element_ty), mask=m2 & (p0[None, :] < K_dst))
     tl.store(dst_rows + p1[None, :], u1.to(dst_ptr.dtype.element_ty), mask=m2 & (p1[None, :] < K_dst))
