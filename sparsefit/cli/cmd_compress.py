@@ -47,7 +47,7 @@ class LayerProgress(FitProgress):
             self.progress.update(self.task, completed=done)
 
     def on_layer_start(self, plan: LayerPlan) -> None:
-        self.description = f"{plan.module} ({plan.entry.shape[0]}×{plan.entry.shape[1]})"
+        self.description = f"{plan.module} ({plan.shape[0]}×{plan.shape[1]})"
 
     def on_start(self, info: dict[str, Any]) -> None:
         if self.progress is not None:
@@ -77,7 +77,7 @@ def plan_table(plans: list[LayerPlan], config: CompressConfig) -> Table:
     for p in plans:
         table.add_row(
             p.name,
-            f"{p.entry.shape[0]}×{p.entry.shape[1]}",
+            f"{p.shape[0]}×{p.shape[1]}" + (" (Conv1D)" if p.transposed else ""),
             p.entry.dtype,
             f"{p.entry.nbytes / 1e6:.2f}",
             fmt(p.width),
@@ -218,7 +218,8 @@ def compress_command(
                 "layers": [
                     {
                         "name": p.name,
-                        "shape": list(p.entry.shape),
+                        "shape": list(p.shape),
+                        "transposed": p.transposed,
                         "dtype": p.entry.dtype,
                         "bytes": p.entry.nbytes,
                         "width": p.width,
