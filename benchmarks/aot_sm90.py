@@ -67,10 +67,9 @@ def main() -> None:
             row["fits_h100_smem"] = r["shared_bytes"] <= H100_SMEM
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"target": "cuda sm_90", "triton": triton.__version__, "rows": rows}, indent=2) + "\n"
-        )
+            if args.json:  # after every kernel: a long compile may be cut off
+                payload = {"target": "cuda sm_90", "triton": triton.__version__, "rows": rows}
+                Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":
