@@ -32,6 +32,16 @@ from .headers import safetensors_header
 HOLDOUT = 0.1
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2-style ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2's ``Conv1D``: the layers whose inputs are recorded and compressed."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 @torch.no_grad()
 def record_activations(
     model: nn.Module,
@@ -41,7 +51,7 @@ def record_activations(
     max_rows: int = 8192,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Run ``model`` on ``batches`` and record the inputs of its ``nn.Linear`` modules.
+    """Run ``model`` on ``batches`` and record the inputs of its ``nn.Linear`` (and ``Conv1D``) modules.
 
     batches: each is passed as ``model(**batch)`` when a dict, ``model(*batch)`` when a tuple or
     list, else ``model(batch)``.
@@ -61,10 +71,10 @@ def record_activations(
         return record
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (wanted is None or name in wanted):
+        if is_linear(module) and (wanted is None or name in wanted):
             handles.append(module.register_forward_pre_hook(hook(name)))
     if wanted is not None:
-        found = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        found = {n for n, m in model.named_modules() if is_linear(m)}
         missing = sorted(wanted - found)
         if missing:
             for h in handles:

@@ -123,21 +123,26 @@ def test_reservoir_is_roughly_uniform():
     assert 70 < first_half < 130  # binomial(200, 0.5): mean 100, sd 7
 
 
-def test_stats_of_a_model_see_no_padding(bert):
-    from sparsefit.compress.hf import load_model
+@pytest.mark.parametrize("fixture", ["bert", "gpt2"])
+def test_stats_of_a_model_see_no_padding(fixture, request):
+    from sparsefit.compress.hf import load_model, resolve_module
 
-    model, tok, task = load_model(bert)
-    assert task == "encoder"
-    sents = builtin_sentences()[:12]
-    q = model.encoder.layer[0].attention.self.query
-    stats = collect_stats(model, tokenizer_batches(tok, sents), {"q": q})["q"]
+    model, tok, task = load_model(request.getfixturevalue(fixture))
+    assert task == ("encoder" if fixture == "bert" else "causal")
+    sents = builtin_sentences()[:13]
+    name = "encoder.layer.1.attention.self.query.weight" if fixture == "bert" else "transformer.h.1.attn.c_attn.weight"
+    module = model.get_submodule(resolve_module(model, name))
+    batched = collect_stats(model, tokenizer_batches(tok, sents, batch_size=5), {"m": module})["m"]
+    single = collect_stats(model, tokenizer_batches(tok, sents, batch_size=1), {"m": module})["m"]
     tokens = sum(len(tok(s)["input_ids"]) for s in sents)
-    assert stats.count == tokens
+    assert batched.count == single.count == tokens
+    assert torch.allclose(batched.gram, single.gram, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(batched.mean, single.mean, rtol=1e-5, atol=1e-6)
     recorded = sparsefit.record_activations(
-        model, tokenizer_batches(tok, sents), names=["encoder.layer.0.attention.self.query"]
+        model, tokenizer_batches(tok, sents, batch_size=1), names=[resolve_module(model, name)]
     )
-    x = recorded["encoder.layer.0.attention.self.query"].double()
-    assert torch.allclose(stats.gram, x.t() @ x, rtol=1e-5, atol=1e-5)
+    x = next(iter(recorded.values())).double()
+    assert torch.allclose(single.gram, x.t() @ x, rtol=1e-5, atol=1e-5)
 
 
 # ---- closed forms --------------------------------------------------------------------------------

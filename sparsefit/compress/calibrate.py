@@ -10,8 +10,10 @@ Sources:
 
 * text: ``--calibration FILE|DIR`` (plain text, one sample per line; or JSONL, one JSON string or
   object with a ``"text"`` key per line; a folder: its ``*.txt``/``*.jsonl`` files in sorted
-  order), tokenised with the checkpoint's own tokenizer and run through the original model,
-  **one sample per forward pass** so no padding enters the statistics;
+  order), tokenised with the checkpoint's own tokenizer and run through the original model in
+  right-padded batches whose padded positions are masked out of the statistics (no padding
+  enters them; padded positions do not change the real tokens' activations under the attention
+  mask);
 * ``builtin``: 2,000 English sentences from Python standard-library docstrings shipped with
   sparsefit (``sparsefit/data/builtin_calibration.txt``, made by ``scripts/make_builtin_corpus.py``);
   300 further sentences (``builtin_heldout.txt``) are for evaluation only;
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration import is_conv1d
 from ..errors import SparsefitError
 
 #: Rows kept per layer in the reservoir sample (the G~ fits draw their probes from them).
@@ -174,10 +177,20 @@ class LayerStats:
         return (max(num, 0.0) / den) ** 0.5 if den > 0 else float("inf")
 
 
-def tokenizer_batches(tokenizer: Any, samples: Iterable[str], max_length: int = MAX_LENGTH) -> Iterator[dict]:
-    """One model input per sample (no padding), truncated to ``max_length`` tokens."""
-    for s in samples:
-        yield dict(tokenizer(s, truncation=True, max_length=max_length, return_tensors="pt"))
+def tokenizer_batches(
+    tokenizer: Any, samples: Sequence[str], max_length: int = MAX_LENGTH, batch_size: int = 16
+) -> Iterator[dict]:
+    """Model inputs of ``batch_size`` samples each, truncated to ``max_length`` tokens.
+
+    Batches are right-padded and carry their ``attention_mask``, which :func:`collect_stats` uses
+    to drop the padded positions' rows; a tokenizer without a pad token, or one padding on the
+    left, gets one sample per batch (no padding at all).
+    """
+    if getattr(tokenizer, "pad_token", None) is None or getattr(tokenizer, "padding_side", "right") != "right":
+        batch_size = 1
+    for i in range(0, len(samples), batch_size):
+        chunk = list(samples[i : i + batch_size])
+        yield dict(tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
 
 
 def _run(model: nn.Module, batch: Any) -> None:
@@ -198,11 +211,6 @@ def module_in_features(module: nn.Module) -> int:
     raise SparsefitError(f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)")
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' GPT-2-style ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
 @torch.no_grad()
 def collect_stats(
     model: nn.Module,
@@ -216,15 +224,28 @@ def collect_stats(
     """Run ``model`` on ``batches`` (each passed as ``model(**b)``, ``model(*b)`` or ``model(b)``) and
     accumulate :class:`LayerStats` of the inputs of ``modules`` (name → ``nn.Linear`` or ``Conv1D``).
 
-    Inputs must carry no padding (pass one sample per batch, as :func:`tokenizer_batches` does).
-    on_batch: called with the number of batches done.
+    A dict batch with an ``attention_mask`` (right padding, as :func:`tokenizer_batches` makes)
+    has its padded positions' rows dropped, so no padding enters the statistics: every layer's
+    input must then have one row per token (``(batch, seq, in)``). Other batches must carry no
+    padding. on_batch: called with the number of batches done.
     """
     stats = {n: LayerStats(module_in_features(m), max_rows, seed + i) for i, (n, m) in enumerate(modules.items())}
     handles = []
+    keep: list[torch.Tensor | None] = [None]  # the current batch's token mask, flattened
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            stats[name].update(args[0])
+            x = args[0]
+            mask = keep[0]
+            if mask is not None:
+                rows = x.reshape(-1, x.shape[-1])
+                if rows.shape[0] != mask.numel():
+                    raise SparsefitError(
+                        f"calibration: layer {name} sees {rows.shape[0]} rows for {mask.numel()} token positions; "
+                        "use one sample per batch"
+                    )
+                x = rows[mask.to(rows.device)]
+            stats[name].update(x)
 
         return record
 
@@ -232,6 +253,8 @@ def collect_stats(
         handles.append(m.register_forward_pre_hook(hook(name)))
     try:
         for i, batch in enumerate(batches, 1):
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            keep[0] = mask.reshape(-1).bool() if mask is not None else None
             _run(model, batch)
             if on_batch is not None:
                 on_batch(i)
