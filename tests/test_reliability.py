@@ -144,3 +144,26 @@ def test_dev_stdout_is_written_into_whether_a_pipe_or_a_file(tmp_path):
         assert subprocess.run(cmd, stdout=f, env=env, timeout=120).returncode == 0
     assert target.stat().st_ino == inode and np.array_equal(np.load(target), expect)
     assert [p.name for p in tmp_path.iterdir()] == ["redirected.npy"]
+
+
+def test_plots_go_through_the_same_output_rules(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparsefit.compress.evaluate import save_plot
+
+    result = {
+        "task": "encoder",
+        "curve": [{"method": "svd", "kept_fraction": 0.5, "cosine_mean": 0.9}],
+        "methods": {"gtilde": {"kept_fraction": 0.5, "cosine_mean": 0.95}},
+    }
+    old = os.umask(0o022)
+    try:
+        save_plot(result, str(tmp_path / "q.png"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+    assert stat.S_IMODE((tmp_path / "q.png").stat().st_mode) == 0o644
+    if os.geteuid() == 0:
+        node = tmp_path / "node"
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        save_plot(result, str(node))
+        assert stat.S_ISCHR(node.stat().st_mode)

@@ -240,8 +240,13 @@ def save_plot(result: dict[str, Any], path: str, metric: str | None = None) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from ..fileformat import atomic_output
+
+    try:
+        with atomic_output(path) as f:  # never half a PNG, nor a device node replaced
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
 
 
 def evaluate_compressed(
