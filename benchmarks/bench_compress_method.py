@@ -211,8 +211,8 @@ def main() -> None:  # noqa: C901 - a linear script
 
     import transformers
 
-    from sparsefit.budget import LayerCurve, allocate, lowrank_curve
-    from sparsefit.structures import GTildeSettings, choose, fit_gtilde, fit_joint, gtilde_depth, gtilde_width, whitened_svd, whitening
+    from sparsefit.compress.budget import LayerCurve, allocate, lowrank_curve
+    from sparsefit.compress.structures import GTildeSettings, choose, fit_gtilde, fit_joint, gtilde_depth, gtilde_width, whitened_svd, whitening
 
     torch.manual_seed(0)
     t_start = time.perf_counter()

@@ -150,7 +150,7 @@ def fit(
     probes: ``probes(batch, generator) -> (batch, in)`` replaces the Gaussian probes (e.g. rows of
     recorded activations, for a fit of ``E||(G~ − A)x||²`` over real inputs); default N(0, I). A
     probe source with a ``loss(op, target) -> float`` method (e.g.
-    :class:`~sparsefit.structures.DataProbes`) is also what a warm start is judged by.
+    :class:`~sparsefit.compress.structures.DataProbes`) is also what a warm start is judged by.
 
     Example
     -------

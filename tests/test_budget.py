@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from sparsefit.budget import LayerCurve, allocate, budget_for, lowrank_curve
+from sparsefit.compress.budget import LayerCurve, allocate, budget_for, lowrank_curve
 from sparsefit.errors import SparsefitError
-from sparsefit.structures import whitened_svd, whitening
+from sparsefit.compress.structures import whitened_svd, whitening
 
 
 def _convex_curve(name, rng, n, step):

@@ -10,7 +10,7 @@ from scipy.optimize import minimize
 
 import sparsefit
 from sparsefit.errors import SparsefitError
-from sparsefit.structures import (
+from sparsefit.compress.structures import (
     DataProbes,
     GTildeSettings,
     choose,

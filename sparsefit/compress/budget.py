@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SparsefitError
+from ..errors import SparsefitError
 
 
 @dataclass(frozen=True)
