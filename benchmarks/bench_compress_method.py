@@ -144,7 +144,9 @@ def embed(model, tok, sentences: list[str], batch: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sensitivities(model, tok, sentences: list[str], names: list[str], rel_noise: float = 1e-2, repeats: int = 2) -> dict[str, float]:
+def sensitivities(
+    model, tok, sentences: list[str], names: list[str], rel_noise: float = 1e-2, repeats: int = 2
+) -> dict[str, float]:
     """Per layer: ``E||Δe||² / E||n||²`` — squared change of the pooled embeddings per unit of
     squared isotropic noise ``n`` added to each token's layer output (small, so in the linear regime)."""
     enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -160,9 +162,9 @@ def sensitivities(model, tok, sentences: list[str], names: list[str], rel_noise:
     for name in names:
         acc_e, acc_n = 0.0, 0.0
         for _ in range(repeats):
-            noise_sq = []
+            noise_sq: list[float] = []
 
-            def add(mod, args, out):
+            def add(mod, args, out, noise_sq=noise_sq):
                 sigma = rel_noise * float(out[mask.squeeze(-1).bool()].pow(2).mean().sqrt())
                 n = torch.randn(out.shape, generator=gen) * sigma * mask
                 noise_sq.append(float(n.pow(2).sum()))
@@ -179,6 +181,30 @@ def sensitivities(model, tok, sentences: list[str], names: list[str], rel_noise:
     return sens
 
 
+@torch.no_grad()
+def measured_effects(model, tok, sentences: list[str], replaced: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer: ``Σ ||Δe||²`` over ``sentences`` when only that layer's weight is swapped for
+    ``replaced[name]`` (the squared change of the normalised pooled embeddings)."""
+    enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+
+    def pooled():
+        h = model(**enc).last_hidden_state
+        return torch.nn.functional.normalize(((h * mask).sum(1) / mask.sum(1)).double(), dim=-1)
+
+    ref = pooled()
+    out = {}
+    for name, w_hat in replaced.items():
+        lin = model.get_submodule(name)
+        keep = lin.weight.detach().clone()
+        lin.weight.copy_(w_hat.float())
+        try:
+            out[name] = float((pooled() - ref).pow(2).sum())
+        finally:
+            lin.weight.copy_(keep)
+    return out
+
+
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
     from scipy.stats import spearmanr
 
@@ -192,7 +218,12 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
     nn_ref = s_ref.masked_fill(eye, -2).topk(k, dim=1).indices
     nn_got = s_got.masked_fill(eye, -2).topk(k, dim=1).indices
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(nn_ref, nn_got, strict=True)) / (n * k)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "spearman": rho, "neighbors_at10": overlap}
+    return {
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "spearman": rho,
+        "neighbors_at10": overlap,
+    }
 
 
 def main() -> None:  # noqa: C901 - a linear script
@@ -202,7 +233,12 @@ def main() -> None:  # noqa: C901 - a linear script
     ap.add_argument("--heldout", type=int, default=300)
     ap.add_argument("--methods", default="svd,svd_whitened,gtilde,gtilde+lowrank,lowrank@global,sparsefit")
     ap.add_argument("--structures", default="lowrank,gtilde,gtilde+lowrank")
-    ap.add_argument("--weighting", default="sensitivity", help="allocation weights: none, relative or sensitivity (comma list to compare)")
+    ap.add_argument(
+        "--weighting",
+        default="sensitivity",
+        help="allocation weights: none, relative, sensitivity or measured (comma list to compare)",
+    )
+    ap.add_argument("--effect-sentences", type=int, default=128, help="calibration sentences for the measured weights")
     ap.add_argument("--steps", type=int, default=300, help="Adam steps of each G~ candidate fit")
     ap.add_argument("--include", default=None, help="regex on module names (default: all 36 encoder linears)")
     ap.add_argument("--cache", type=Path, default=None, help="reuse/keep Grams and sensitivities in this .pt file")
@@ -211,8 +247,17 @@ def main() -> None:  # noqa: C901 - a linear script
 
     import transformers
 
-    from sparsefit.compress.budget import LayerCurve, allocate, lowrank_curve
-    from sparsefit.compress.structures import GTildeSettings, choose, fit_gtilde, fit_joint, gtilde_depth, gtilde_width, whitened_svd, whitening
+    from sparsefit.compress.budget import allocate, lowrank_curve
+    from sparsefit.compress.structures import (
+        GTildeSettings,
+        choose,
+        fit_gtilde,
+        fit_joint,
+        gtilde_depth,
+        gtilde_width,
+        whitened_svd,
+        whitening,
+    )
 
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -249,18 +294,36 @@ def main() -> None:  # noqa: C901 - a linear script
         return compare(ref, embed(model, tok, held))
 
     rows = []
+    effects: dict[float, dict[str, float]] = {}
     structures = [s for s in args.structures.split(",") if s]
     for keep in [float(x) for x in args.keeps.split(",")]:
         for method in args.methods.split(","):
-            for weighting in (args.weighting.split(",") if method in ("lowrank@global", "sparsefit") else [""]):
+            for weighting in args.weighting.split(",") if method in ("lowrank@global", "sparsefit") else [""]:
                 t0 = time.perf_counter()
                 dense, params, chosen, per_layer = {}, 0, {}, []
                 if method in ("lowrank@global", "sparsefit"):
+                    if weighting == "measured" and keep not in effects:
+                        # the operating point: every layer at the uniform rank, one swapped at a time
+                        ops = {}
+                        for n in names:
+                            m, k = weights[n].shape
+                            a, b = svds[n].factors(int(keep * m * k / (m + k)))
+                            ops[n] = (a @ b, float(svds[n].relative_errors()[int(keep * m * k / (m + k))]))
+                        eff = measured_effects(
+                            original, tok, cal[: args.effect_sentences], {n: o[0] for n, o in ops.items()}
+                        )
+                        effects[keep] = {n: eff[n] / max(ops[n][1] ** 2, 1e-30) for n in names}
                     curves = []
                     for n in names:
                         w = weights[n]
-                        scale = {"none": 1.0, "relative": 1.0 / float(((w @ grams[n]) * w).sum()), "sensitivity": sens[n]}[weighting]
-                        curves.append(lowrank_curve(n, svds[n], w.shape, float(((w @ grams[n]) * w).sum()) * scale))
+                        energy = float(((w @ grams[n]) * w).sum())
+                        weight = {
+                            "none": energy,
+                            "relative": 1.0,
+                            "sensitivity": energy * sens[n],
+                            "measured": effects[keep][n] if weighting == "measured" else 0.0,
+                        }[weighting]
+                        curves.append(lowrank_curve(n, svds[n], w.shape, weight))
                     alloc = allocate(curves, keep)
                 for n in names:
                     w = weights[n]
@@ -318,8 +381,18 @@ def main() -> None:  # noqa: C901 - a linear script
                     flush=True,
                 )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "layers": names, "rows": rows,
-                                     "seconds": time.perf_counter() - t_start}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "layers": names,
+                "rows": rows,
+                "seconds": time.perf_counter() - t_start,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.json} ({math.ceil(time.perf_counter() - t_start)} s)")
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sparsefit.compress.budget import LayerCurve, allocate, budget_for, lowrank_curve
-from sparsefit.errors import SparsefitError
 from sparsefit.compress.structures import whitened_svd, whitening
+from sparsefit.errors import SparsefitError
 
 
 def _convex_curve(name, rng, n, step):
@@ -101,3 +101,20 @@ def test_bad_allocation_input():
         LayerCurve("b", [0, 0], [1.0, 0.5], [0, 1])
     with pytest.raises(SparsefitError, match="finite"):
         LayerCurve("b", [0, 1], [1.0, math.nan], [0, 1])
+
+
+def test_measure_effects_swaps_one_layer_at_a_time_and_restores_the_model():
+    from torch import nn
+
+    from sparsefit.compress.budget import measure_effects
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(7, 6), torch.randn(3, 6)]
+    w0, w2 = model[0].weight.detach(), model[2].weight.detach()
+    eff = measure_effects(model, batches, {"0": w0.clone(), "2": w2 * 0.5})
+    assert eff["0"] == 0.0 and eff["2"] > 0  # an unchanged weight moves nothing
+    small = measure_effects(model, batches, {"2": w2 * 0.9})["2"]
+    assert 0 < small < eff["2"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -199,3 +199,52 @@ def lowrank_curve(name: str, svd: Any, shape: tuple[int, int], weight: float = 1
     costs.append(0.0)
     points.append("dense")
     return LayerCurve(name, params, costs, points, m * k)
+
+
+def pooled_output(model: Any, batch: Any) -> Any:
+    """The model's output as one L2-normalised vector per sample: its last hidden state (or first
+    output) mean-pooled over the tokens the attention mask keeps — for sentence encoders such as
+    all-MiniLM-L6-v2, the sentence embedding itself."""
+    import torch
+
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    h = getattr(out, "last_hidden_state", None)
+    if h is None:
+        h = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+    h = h.double()
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if h.dim() == 3:
+        if mask is None:
+            h = h.mean(1)
+        else:
+            mk = mask.unsqueeze(-1).to(h.dtype)
+            h = (h * mk).sum(1) / mk.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(h.reshape(h.shape[0], -1), dim=-1)
+
+
+def measure_effects(
+    model: Any, batches: Sequence[Any], replaced: dict[str, Any], output: Any = pooled_output
+) -> dict[str, float]:
+    """Per layer: ``Σ ||Δy||²`` of the model's output ``y = output(model, batch)`` over ``batches``
+    when only that layer's weight is swapped for ``replaced[name]`` (an ``(out, in)`` tensor; the
+    module ``name`` must be an ``nn.Linear``). The model is left as it was.
+
+    Used as the allocation weight (see :func:`effect_weights`): the output change each layer
+    causes at an operating point, measured rather than modelled.
+    """
+    import torch
+
+    with torch.no_grad():
+        refs = [output(model, b) for b in batches]
+        effects = {}
+        for name, w_hat in replaced.items():
+            lin = model.get_submodule(name)
+            keep = lin.weight.detach().clone()
+            lin.weight.copy_(w_hat.to(keep.dtype))
+            try:
+                effects[name] = float(
+                    sum(((output(model, b) - r) ** 2).sum() for b, r in zip(batches, refs, strict=True))
+                )
+            finally:
+                lin.weight.copy_(keep)
+    return effects

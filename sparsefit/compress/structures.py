@@ -368,8 +368,14 @@ def fit_joint(
     op = None
     for r in range(settings.rounds):
         resid = w64 - a @ b
-        op = fit_gtilde(resid, wh, depth, GTildeSettings(**{**settings.__dict__, "seed": settings.seed + r}),
-                        zero_start=True, callbacks=callbacks)
+        op = fit_gtilde(
+            resid,
+            wh,
+            depth,
+            GTildeSettings(**{**settings.__dict__, "seed": settings.seed + r}),
+            zero_start=True,
+            callbacks=callbacks,
+        )
         g = op.to_dense(torch.float64).cpu()
         a, b = whitened_svd(w64 - g, wh).factors(rank)
         cand = _finish(Fitted("gtilde+lowrank", 0, 0.0, 0.0, rank=rank, a=a, b=b, operator=op), w64, wh)
@@ -439,7 +445,9 @@ def choose(
             depth = gtilde_depth(budget, width)
             if depth >= 1:
                 op = fit_gtilde(w64, wh, depth, settings, callbacks=callbacks)
-                f = _finish(Fitted("gtilde", 2 * width * depth, 0.0, 0.0, depth=depth, width=width, operator=op), w64, wh)
+                f = _finish(
+                    Fitted("gtilde", 2 * width * depth, 0.0, 0.0, depth=depth, width=width, operator=op), w64, wh
+                )
         elif s == "gtilde+lowrank":
             width = gtilde_width(m, k, settings.sampler)
             rank = min(svd.max_rank, int(settings.lowrank_share * budget) // (m + k))
