@@ -181,30 +181,6 @@ def sensitivities(
     return sens
 
 
-@torch.no_grad()
-def measured_effects(model, tok, sentences: list[str], replaced: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per layer: ``Σ ||Δe||²`` over ``sentences`` when only that layer's weight is swapped for
-    ``replaced[name]`` (the squared change of the normalised pooled embeddings)."""
-    enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-
-    def pooled():
-        h = model(**enc).last_hidden_state
-        return torch.nn.functional.normalize(((h * mask).sum(1) / mask.sum(1)).double(), dim=-1)
-
-    ref = pooled()
-    out = {}
-    for name, w_hat in replaced.items():
-        lin = model.get_submodule(name)
-        keep = lin.weight.detach().clone()
-        lin.weight.copy_(w_hat.float())
-        try:
-            out[name] = float((pooled() - ref).pow(2).sum())
-        finally:
-            lin.weight.copy_(keep)
-    return out
-
-
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
     from scipy.stats import spearmanr
 
@@ -247,7 +223,7 @@ def main() -> None:  # noqa: C901 - a linear script
 
     import transformers
 
-    from sparsefit.compress.budget import allocate, lowrank_curve
+    from sparsefit.compress.budget import allocate, effect_weight, lowrank_curve, measure_effects, uniform_rank
     from sparsefit.compress.structures import (
         GTildeSettings,
         choose,
@@ -293,6 +269,10 @@ def main() -> None:  # noqa: C901 - a linear script
                 model.get_submodule(n).weight.copy_(d.float())
         return compare(ref, embed(model, tok, held))
 
+    effect_batches = [
+        dict(tok(cal[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        for i in range(0, args.effect_sentences, 32)
+    ]
     rows = []
     effects: dict[float, dict[str, float]] = {}
     structures = [s for s in args.structures.split(",") if s]
@@ -306,13 +286,9 @@ def main() -> None:  # noqa: C901 - a linear script
                         # the operating point: every layer at the uniform rank, one swapped at a time
                         ops = {}
                         for n in names:
-                            m, k = weights[n].shape
-                            a, b = svds[n].factors(int(keep * m * k / (m + k)))
-                            ops[n] = (a @ b, float(svds[n].relative_errors()[int(keep * m * k / (m + k))]))
-                        eff = measured_effects(
-                            original, tok, cal[: args.effect_sentences], {n: o[0] for n, o in ops.items()}
-                        )
-                        effects[keep] = {n: eff[n] / max(ops[n][1] ** 2, 1e-30) for n in names}
+                            a, b = svds[n].factors(uniform_rank(weights[n].shape, keep))
+                            ops[n] = a @ b
+                        effects[keep] = measure_effects(original, effect_batches, ops)
                     curves = []
                     for n in names:
                         w = weights[n]
@@ -321,7 +297,9 @@ def main() -> None:  # noqa: C901 - a linear script
                             "none": energy,
                             "relative": 1.0,
                             "sensitivity": energy * sens[n],
-                            "measured": effects[keep][n] if weighting == "measured" else 0.0,
+                            "measured": effect_weight(effects[keep][n], svds[n], w.shape, keep)
+                            if weighting == "measured"
+                            else 0.0,
                         }[weighting]
                         curves.append(lowrank_curve(n, svds[n], w.shape, weight))
                     alloc = allocate(curves, keep)

@@ -9,7 +9,6 @@ import torch
 from scipy.optimize import minimize
 
 import sparsefit
-from sparsefit.errors import SparsefitError
 from sparsefit.compress.structures import (
     DataProbes,
     GTildeSettings,
@@ -22,6 +21,7 @@ from sparsefit.compress.structures import (
     whitened_svd,
     whitening,
 )
+from sparsefit.errors import SparsefitError
 from sparsefit.targets import as_target
 
 
@@ -85,7 +85,9 @@ def test_data_and_weight_errors_are_the_stated_quantities():
     gram = x.t() @ x / x.shape[0]
     direct = math.sqrt(float((((w_hat - w) @ x.t()) ** 2).sum() / ((w @ x.t()) ** 2).sum()))
     assert data_error(w_hat, w, gram) == pytest.approx(direct, rel=1e-12)
-    assert weight_error(w_hat, w) == pytest.approx(float(torch.linalg.norm(w_hat - w) / torch.linalg.norm(w)), rel=1e-12)
+    assert weight_error(w_hat, w) == pytest.approx(
+        float(torch.linalg.norm(w_hat - w) / torch.linalg.norm(w)), rel=1e-12
+    )
     assert data_error(w, w, gram) == 0.0 and data_error(torch.zeros_like(w), w, gram) == pytest.approx(1.0)
     assert data_error(w_hat, w, torch.eye(7, dtype=torch.float64)) == pytest.approx(weight_error(w_hat, w), rel=1e-12)
 
@@ -171,3 +173,20 @@ def test_choose_takes_the_smallest_data_error_and_records_why():
     assert choose(w, wh, 16 * 16, structures=("lowrank", "dense")).chosen.structure == "dense"
     with pytest.raises(SparsefitError, match="unknown structure"):
         choose(w, wh, budget, structures=("svd",))
+
+
+def test_baseline_helpers_match_the_structures():
+    from sparsefit.compress.structures import lowrank_svd, lowrank_whitened
+
+    w, gram = _problem(8, 6, seed=9)
+    u, v = lowrank_whitened(w, gram * 1000.0, 3)  # a summed Gram (count × mean) gives the same factors
+    assert u.shape == (8, 3) and v.shape == (3, 6)
+    assert torch.allclose(u @ v, fit_lowrank(w, whitening(gram), 3).dense(w), atol=1e-9)
+    # Cholesky root instead of the symmetric one: the same optimum
+    chol = torch.linalg.cholesky(gram + 1e-6 * float(gram.diagonal().mean()) * torch.eye(6, dtype=torch.float64))
+    uu, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    ref = (uu[:, :3] * s[:3]) @ torch.linalg.solve_triangular(chol, vh[:3], upper=False, left=False)
+    assert torch.allclose(u @ v, ref, atol=1e-9)
+    a, b = lowrank_svd(w, 2)
+    uu, s, vh = torch.linalg.svd(w)
+    assert torch.allclose(a @ b, (uu[:, :2] * s[:2]) @ vh[:2], atol=1e-12)

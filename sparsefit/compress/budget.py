@@ -248,3 +248,17 @@ def measure_effects(
             finally:
                 lin.weight.copy_(keep)
     return effects
+
+
+def uniform_rank(shape: tuple[int, int], keep: float) -> int:
+    """The rank that keeps ``keep`` of an ``m × k`` layer's parameters: ``⌊keep·m·k / (m + k)⌋``."""
+    m, k = shape
+    return int(keep * m * k / (m + k))
+
+
+def effect_weight(effect: float, svd: Any, shape: tuple[int, int], keep: float) -> float:
+    """The curve weight that makes a layer's cost at the operating point (uniform rank for ``keep``)
+    equal its measured output change ``effect`` (:func:`measure_effects`); elsewhere the cost
+    follows the data error squared: ``cost(r) = effect · err(r)² / err(r_keep)²``."""
+    err = float(svd.relative_errors()[min(uniform_rank(shape, keep), svd.max_rank)])
+    return effect / max(err * err, 1e-30)

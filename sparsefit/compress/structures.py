@@ -169,6 +169,19 @@ def lowrank_params(rank: int, m: int, k: int) -> int:
     return rank * (m + k)
 
 
+def lowrank_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain truncated SVD ``W ≈ U V``, ``U: (out, rank)``, ``V: (rank, in)`` (float64): the best
+    rank-``rank`` approximation in the Frobenius norm (the data-blind baseline)."""
+    u, s, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def lowrank_whitened(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware truncated SVD ``W ≈ U V`` (float64): the rank-``rank`` ``Ŵ`` minimising
+    ``||(Ŵ − W) L||_F`` for ``L Lᵀ = gram + δ·I`` — the ``lowrank`` structure (:func:`whitened_svd`)."""
+    return whitened_svd(weight, whitening(gram)).factors(rank)
+
+
 # ----------------------------------------------------------------------------------------------
 # gtilde: G~ fitted on the exact data loss
 # ----------------------------------------------------------------------------------------------
