@@ -215,6 +215,9 @@ def main() -> None:  # noqa: C901 - a linear script
         help="allocation weights: none, relative, sensitivity or measured (comma list to compare)",
     )
     ap.add_argument("--effect-sentences", type=int, default=128, help="calibration sentences for the measured weights")
+    ap.add_argument(
+        "--effect-output", default="pooled", help="pooled (embeddings) or centred (minus the batch mean) effects"
+    )
     ap.add_argument("--steps", type=int, default=300, help="Adam steps of each G~ candidate fit")
     ap.add_argument("--include", default=None, help="regex on module names (default: all 36 encoder linears)")
     ap.add_argument("--cache", type=Path, default=None, help="reuse/keep Grams and sensitivities in this .pt file")
@@ -223,7 +226,14 @@ def main() -> None:  # noqa: C901 - a linear script
 
     import transformers
 
-    from sparsefit.compress.budget import allocate, effect_weight, lowrank_curve, measure_effects, uniform_rank
+    from sparsefit.compress.budget import (
+        allocate,
+        effect_weight,
+        lowrank_curve,
+        measure_effects,
+        pooled_output,
+        uniform_rank,
+    )
     from sparsefit.compress.structures import (
         GTildeSettings,
         choose,
@@ -273,6 +283,11 @@ def main() -> None:  # noqa: C901 - a linear script
         dict(tok(cal[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
         for i in range(0, args.effect_sentences, 32)
     ]
+
+    def effect_output(model, batch):
+        e = pooled_output(model, batch)
+        return e - e.mean(0, keepdim=True) if args.effect_output == "centred" else e
+
     rows = []
     effects: dict[float, dict[str, float]] = {}
     structures = [s for s in args.structures.split(",") if s]
@@ -288,7 +303,7 @@ def main() -> None:  # noqa: C901 - a linear script
                         for n in names:
                             a, b = svds[n].factors(uniform_rank(weights[n].shape, keep))
                             ops[n] = a @ b
-                        effects[keep] = measure_effects(original, effect_batches, ops)
+                        effects[keep] = measure_effects(original, effect_batches, ops, output=effect_output)
                     curves = []
                     for n in names:
                         w = weights[n]
