@@ -222,32 +222,48 @@ def pooled_output(model: Any, batch: Any) -> Any:
     return torch.nn.functional.normalize(h.reshape(h.shape[0], -1), dim=-1)
 
 
-def measure_effects(
-    model: Any, batches: Sequence[Any], replaced: dict[str, Any], output: Any = pooled_output
-) -> dict[str, float]:
-    """Per layer: ``Σ ||Δy||²`` of the model's output ``y = output(model, batch)`` over ``batches``
-    when only that layer's weight is swapped for ``replaced[name]`` (an ``(out, in)`` tensor; the
-    module ``name`` must be an ``nn.Linear``). The model is left as it was.
+class EffectMeter:
+    """How much the model's output moves when one layer's weight is swapped (the others intact).
 
-    Used as the allocation weight (see :func:`effect_weights`): the output change each layer
-    causes at an operating point, measured rather than modelled.
+    ``meter(module_name, w_hat)`` returns ``Σ ||Δy||²`` over ``batches`` of ``y = output(model,
+    batch)`` with module ``module_name``'s weight replaced by ``w_hat`` (``(out, in)``; a GPT-2
+    ``Conv1D``'s ``(in, out)`` weight is handled), then restores the weight. The reference
+    outputs are computed once. Used as the allocation weight (:func:`effect_weight`): the output
+    change each layer causes at an operating point, measured rather than modelled.
     """
-    import torch
 
-    with torch.no_grad():
-        refs = [output(model, b) for b in batches]
-        effects = {}
-        for name, w_hat in replaced.items():
-            lin = model.get_submodule(name)
-            keep = lin.weight.detach().clone()
-            lin.weight.copy_(w_hat.to(keep.dtype))
+    def __init__(self, model: Any, batches: Sequence[Any], output: Any = pooled_output) -> None:
+        import torch
+
+        self.model, self.batches, self.output = model, list(batches), output
+        with torch.no_grad():
+            self.refs = [output(model, b) for b in self.batches]
+
+    def __call__(self, module_name: str, w_hat: Any) -> float:
+        import torch
+
+        lin = self.model.get_submodule(module_name)
+        keep = lin.weight.detach().clone()
+        new = w_hat if tuple(w_hat.shape) == tuple(keep.shape) else w_hat.t()
+        with torch.no_grad():
+            lin.weight.copy_(new.to(keep.dtype))
             try:
-                effects[name] = float(
-                    sum(((output(model, b) - r) ** 2).sum() for b, r in zip(batches, refs, strict=True))
+                return float(
+                    sum(
+                        ((self.output(self.model, b) - r) ** 2).sum()
+                        for b, r in zip(self.batches, self.refs, strict=True)
+                    )
                 )
             finally:
                 lin.weight.copy_(keep)
-    return effects
+
+
+def measure_effects(
+    model: Any, batches: Sequence[Any], replaced: dict[str, Any], output: Any = pooled_output
+) -> dict[str, float]:
+    """:class:`EffectMeter` for several layers, one swapped at a time: ``{name: Σ ||Δy||²}``."""
+    meter = EffectMeter(model, batches, output)
+    return {name: meter(name, w_hat) for name, w_hat in replaced.items()}
 
 
 def uniform_rank(shape: tuple[int, int], keep: float) -> int:
@@ -262,3 +278,86 @@ def effect_weight(effect: float, svd: Any, shape: tuple[int, int], keep: float) 
     follows the data error squared: ``cost(r) = effect · err(r)² / err(r_keep)²``."""
     err = float(svd.relative_errors()[min(uniform_rank(shape, keep), svd.max_rank)])
     return effect / max(err * err, 1e-30)
+
+
+def global_allocation(
+    names: Sequence[str],
+    weight: Any,
+    gram: Any,
+    keep: float,
+    effect: Any,
+) -> Allocation:
+    """``--keep`` over many layers: whitened-SVD curves weighted by measured output effects.
+
+    names: the layers; weight(name) -> ``(out, in)`` tensor and gram(name) -> its input Gram
+    matrix (read one layer at a time: only the curves are kept); effect(name, w_hat) -> the
+    model's output change with that layer alone replaced by ``w_hat`` (an :class:`EffectMeter`
+    call), measured at the uniform-ratio rank. Returns the :class:`Allocation` (``params`` per
+    layer: the budgets for the structure choice).
+    """
+    from .structures import whitened_svd, whitening
+
+    curves = []
+    for name in names:
+        w = weight(name)
+        svd = whitened_svd(w, whitening(gram(name)))
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        a, b = svd.factors(min(uniform_rank(shape, keep), svd.max_rank))
+        e = effect(name, (a @ b).float())
+        curves.append(lowrank_curve(name, svd, shape, effect_weight(e, svd, shape, keep)))
+        del w, svd, a, b
+    return allocate(curves, keep)
+
+
+#: Calibration samples the effects are measured on (the first ones of the calibration text).
+EFFECT_SAMPLES = 128
+
+
+def keep_budgets(model: Any, plans: Sequence[Any], stats: Any, keep: float, batches: Sequence[Any]) -> dict[str, int]:
+    """Per-layer budgets for ``--keep`` on a model in memory: :func:`global_allocation` with the
+    weights read from ``model``, the Grams from ``stats(name)`` and the effects measured on
+    ``batches`` (model inputs). plans: the selected layers (``name``, ``transposed``)."""
+    from .hf import resolve_module
+
+    modules = {p.name: resolve_module(model, p.name) for p in plans}
+    transposed = {p.name: bool(getattr(p, "transposed", False)) for p in plans}
+    meter = EffectMeter(model, batches)
+
+    def weight(name: str) -> Any:
+        w = model.get_submodule(modules[name]).weight.detach().to("cpu")
+        return w.t() if transposed[name] else w
+
+    alloc = global_allocation(
+        [p.name for p in plans], weight, lambda n: stats(n).gram, keep, lambda n, w_hat: meter(modules[n], w_hat)
+    )
+    return dict(alloc.params)
+
+
+def text_batches(tokenizer: Any, samples: Sequence[str], max_length: int = 128, batch: int = 32) -> list[dict]:
+    """Model inputs for the effect measurement: padded batches (one sample each without a pad token)."""
+    size = batch if getattr(tokenizer, "pad_token", None) is not None else 1
+    return [
+        dict(
+            tokenizer(
+                list(samples[i : i + size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(samples), size)
+    ]
+
+
+def checkpoint_budgets(source: Any, plans: Sequence[Any], stats_source: Any, config: Any) -> dict[str, int | None]:
+    """The checkpoint workflow's budgets: the global allocation when ``--keep`` comes with text
+    calibration (the model is loaded once to measure effects), else one uniform ratio."""
+    from .calibrate import calibration_samples, is_activation_file
+    from .layer import uniform_budgets
+
+    if config.keep is None or stats_source is None or is_activation_file(config.calibration):
+        return uniform_budgets({p.name: p.shape for p in plans}, config)
+    from .hf import load_model
+
+    model, tok, _ = load_model(source)
+    samples = calibration_samples(config.calibration)[:EFFECT_SAMPLES]
+    budgets = keep_budgets(model, plans, stats_source.get, config.keep, text_batches(tok, samples))
+    del model
+    return dict(budgets)
