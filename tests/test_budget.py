@@ -80,10 +80,10 @@ def test_lowrank_curve_comes_from_the_whitened_spectrum():
     x = torch.randn(50, 4, generator=g, dtype=torch.float64)
     svd = whitened_svd(w, whitening(x.t() @ x / 50))
     c = lowrank_curve("w", svd, (6, 4), weight=2.0)
-    # ranks 0, 1, 2 (3 would be 30 >= 24 dense parameters), then dense
-    assert list(c.params) == [0, 10, 20, 24] and list(c.points) == [0, 1, 2, "dense"]
-    assert c.costs[0] == pytest.approx(2.0) and c.costs[-1] == 0.0
-    assert c.costs[1] == pytest.approx(2.0 * float(svd.relative_errors()[1]) ** 2)
+    # ranks 1, 2 (rank 0 cannot be stored; 3 would be 30 >= 24 dense parameters), then dense
+    assert list(c.params) == [10, 20, 24] and list(c.points) == [1, 2, "dense"]
+    assert c.costs[-1] == 0.0 and c.costs[0] > c.costs[1] > 0
+    assert c.costs[0] == pytest.approx(2.0 * float(svd.relative_errors()[1]) ** 2)
     assert c.dense_params == 24
 
 

@@ -50,3 +50,16 @@ def test_effect_meter_restores_the_model(tmp_path):
     assert meter(name, w) == 0.0
     assert meter(name, torch.zeros_like(w)) > 0
     assert torch.equal(model.get_submodule(name).weight, w)
+
+
+def test_a_budget_below_every_structure_keeps_the_layer_dense():
+    from sparsefit.compress.calibrate import LayerStats
+    from sparsefit.compress.layer import fit_layer
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 14, generator=g)
+    stats = LayerStats.from_rows(torch.randn(64, 14, generator=g))
+    rep, rec = fit_layer(w, stats, 23, CompressConfig(keep=0.1), name="w")  # rank 1 needs 24
+    assert rep is None and rec.status == "dense" == rec.structure and "no structure fits 23" in rec.reason
+    rep, rec = fit_layer(w, stats, 24, CompressConfig(keep=0.1), name="w")
+    assert rep is not None and rep.rank == 1 and rec.params_after == 24 and rec.structure == "lowrank"

@@ -179,7 +179,7 @@ def allocate(curves: Sequence[LayerCurve], keep: float | None = None, *, budget:
 def lowrank_curve(name: str, svd: Any, shape: tuple[int, int], weight: float = 1.0) -> LayerCurve:
     """The low-rank curve of one layer from its whitened spectrum (no fitting needed).
 
-    Options: rank ``r`` at ``r·(m + k)`` parameters while that is below the dense ``m·k``, then
+    Options: rank ``r ≥ 1`` at ``r·(m + k)`` parameters while that is below the dense ``m·k``, then
     ``dense`` (cost 0) at ``m·k``. Cost: ``weight · err(r)²`` with ``err`` the relative data error
     (:meth:`~sparsefit.structures.WhitenedSVD.relative_errors`); with ``weight = ||W L||²_F`` the cost is
     the absolute ``E||(Ŵ − W)x||²``, times a sensitivity to weigh it by its effect on the output.
@@ -188,7 +188,7 @@ def lowrank_curve(name: str, svd: Any, shape: tuple[int, int], weight: float = 1
     m, k = shape
     errs = svd.relative_errors()
     params, costs, points = [], [], []
-    for r in range(0, svd.max_rank + 1):
+    for r in range(1, svd.max_rank + 1):
         p = r * (m + k)
         if p >= m * k:
             break

@@ -215,11 +215,16 @@ def choose_layer(
     """Budget mode with calibration: every structure of ``config.structures`` is fitted within
     ``budget`` parameters on the data loss (:func:`sparsefit.compress.structures.choose`) and the
     smallest data error wins; the record lists every candidate's errors (``candidates``, ``reason``)."""
-    from .structures import GTildeSettings, choose, whitening
+    from .structures import GTildeSettings, choose, smallest_params, whitening
 
     m, k = weight.shape
     t0 = time.perf_counter()
     settings = GTildeSettings(steps=config.candidate_steps, seed=config.fit.seed)
+    least = smallest_params(m, k, config.structures)
+    if budget < least:
+        rec = LayerRecord(name, (m, k), "", "dense", None, 0, m * k, m * k, *([None] * 5), [], [], 0.0)
+        rec.structure, rec.reason = "dense", f"no structure fits {budget} parameters (the smallest needs {least})"
+        return None, rec
     c = choose(weight, whitening(stats.gram), budget, config.structures, settings, callbacks=callbacks)
     f = c.chosen
     rec = LayerRecord(
@@ -230,9 +235,7 @@ def choose_layer(
     )  # fmt: skip
     if f.structure == "dense":
         return None, rec
-    lowrank = (f.a.float(), f.b.float()) if f.a is not None and f.b is not None and f.rank > 0 else (None, None)
-    if f.operator is None and lowrank[0] is None:  # rank 0: the zero matrix
-        lowrank = (torch.zeros(m, 1), torch.zeros(1, k))
+    lowrank = (f.a.float(), f.b.float()) if f.a is not None and f.b is not None else (None, None)
     return Replacement(f.operator, *lowrank), rec
 
 

@@ -423,6 +423,13 @@ class Choice:
         }
 
 
+def smallest_params(m: int, k: int, structures: Sequence[str], sampler: str = "uniform") -> int:
+    """The fewest parameters any of ``structures`` can have for an ``m × k`` layer (rank 1, one G~ layer)."""
+    width = gtilde_width(m, k, sampler)
+    least = {"lowrank": m + k, "gtilde": 2 * width, "gtilde+lowrank": m + k + 2 * width, "dense": m * k}
+    return min(least[s] for s in structures)
+
+
 def choose(
     w: torch.Tensor,
     wh: Whitening,
@@ -451,7 +458,7 @@ def choose(
         f: Fitted | None = None
         if s == "dense" and budget >= m * k:
             f = _finish(Fitted("dense", m * k, 0.0, 0.0), w64, wh)
-        elif s == "lowrank":
+        elif s == "lowrank" and budget >= m + k:
             f = fit_lowrank(w64, wh, min(svd.max_rank, budget // (m + k)), svd)
         elif s == "gtilde":
             width = gtilde_width(m, k, settings.sampler)
