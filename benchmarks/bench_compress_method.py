@@ -216,7 +216,9 @@ def main() -> None:  # noqa: C901 - a linear script
     )
     ap.add_argument("--effect-sentences", type=int, default=128, help="calibration sentences for the measured weights")
     ap.add_argument(
-        "--effect-output", default="pooled", help="pooled (embeddings) or centred (minus the batch mean) effects"
+        "--effect-output",
+        default="pooled",
+        help="pooled (embeddings), centred (minus the batch mean) or similarity (pairwise) effects",
     )
     ap.add_argument("--steps", type=int, default=300, help="Adam steps of each G~ candidate fit")
     ap.add_argument("--include", default=None, help="regex on module names (default: all 36 encoder linears)")
@@ -286,6 +288,8 @@ def main() -> None:  # noqa: C901 - a linear script
 
     def effect_output(model, batch):
         e = pooled_output(model, batch)
+        if args.effect_output == "similarity":
+            return e @ e.t()  # the pair similarities the Spearman is taken over
         return e - e.mean(0, keepdim=True) if args.effect_output == "centred" else e
 
     rows = []
