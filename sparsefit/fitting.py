@@ -148,7 +148,9 @@ def fit(
     init: an operator to start from (same shape/width; e.g. a shallower fit extended).
     should_stop: polled at each report; returning True stops like Ctrl-C.
     probes: ``probes(batch, generator) -> (batch, in)`` replaces the Gaussian probes (e.g. rows of
-    recorded activations, for a fit of ``E||(G~ − A)x||²`` over real inputs); default N(0, I).
+    recorded activations, for a fit of ``E||(G~ − A)x||²`` over real inputs); default N(0, I). A
+    probe source with a ``loss(op, target) -> float`` method (e.g.
+    :class:`~sparsefit.compress.structures.DataProbes`) is also what a warm start is judged by.
 
     Example
     -------
@@ -291,13 +293,19 @@ def fit(
     op.blocks.grad = None
     error = None  # measured here when a start has to be compared; evaluate() reuses it
     if start_blocks is not None and steps_run > 0:
+        # Judged on the fit's own objective: the probes' exact loss where they define one (data-
+        # aware fits), else the relative Frobenius error.
+        judge = getattr(probes, "loss", None)
         trained = op.blocks.detach().clone()
-        err_trained = relative_error(op, tgt, seed=config.seed)
+        err_trained = judge(op, tgt) if judge is not None else relative_error(op, tgt, seed=config.seed)
         with torch.no_grad():
             op.blocks.copy_(start_blocks)
-        error = relative_error(op, tgt, seed=config.seed)
-        if not error.value < err_trained.value:
-            error = err_trained
+        err_start = judge(op, tgt) if judge is not None else relative_error(op, tgt, seed=config.seed)
+        start_better = err_start < err_trained if judge is not None else err_start.value < err_trained.value
+        if start_better:
+            error = None if judge is not None else err_start
+        else:
+            error = None if judge is not None else err_trained
             with torch.no_grad():
                 op.blocks.copy_(trained)
     metrics = evaluate(

@@ -178,24 +178,26 @@ def test_compress_in_memory_keeps_dtype(dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 18), nn.ReLU(), nn.Linear(18, 12), nn.Linear(12, 5)).to(dtype)
     batches = [torch.randn(7, 12).to(dtype) for _ in range(3)]
-    cfg = CompressConfig(keep=0.9, fit=FIT)
+    cfg = CompressConfig(keep=0.6, fit=FIT, structures=("lowrank", "gtilde"), candidate_steps=20)
     report = compress_(model, cfg, filter_fn=lambda m, name: name != "3", calibration=batches)
     assert [r.name for r in report.layers] == ["0.weight", "2.weight"]
-    assert isinstance(model[0], sparsefit.SparseLinear) and isinstance(model[3], nn.Linear)
+    assert isinstance(model[3], nn.Linear)
+    assert any(isinstance(model[i], sparsefit.SparseLinear) for i in (0, 2))
     for p in model.parameters():
         assert p.dtype == dtype
     assert model(batches[0]).dtype == dtype
-    for r in report.layers:
-        assert r.structure == "gtilde" and r.params_after <= 0.9 * r.params_before
+    for r in report.layers:  # budget mode with calibration: the structure choice (see test_compress_method)
+        assert r.structure in ("lowrank", "gtilde") and r.params_after < r.params_before
         assert r.data_relative_error is not None and r.data_relative_error > 0
-    assert 0 < report.kept_fraction <= 0.9
+    assert 0 < report.kept_fraction <= 0.6
 
 
 def test_fit_layer_is_the_one_per_layer_path():
     torch.manual_seed(0)
     w = torch.randn(10, 14)
     stats = LayerStats.from_rows(torch.randn(64, 14))
-    rep, rec = fit_layer(w, stats, 10 * 14 // 2, CompressConfig(keep=0.5, fit=FIT), name="w")
+    cfg = CompressConfig(keep=0.5, fit=FIT, structures=("gtilde",))
+    rep, rec = fit_layer(w, stats, 10 * 14 // 2, cfg, name="w")
     assert isinstance(rep, Replacement) and rep.structure == "gtilde" == rec.structure
     assert rep.num_parameters == rec.params_after <= 70
     assert rec.data_relative_error == pytest.approx(stats.data_relative_error(rep.to_dense(), w))
@@ -257,7 +259,7 @@ def test_compress_keep_builtin_eval_json(bert, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(js.read_text())
     assert 0 < d["kept_fraction"] <= 0.5
-    assert len(d["layers"]) == 12 and all(layer["structure"] in ("gtilde", "dense") for layer in d["layers"])
+    assert len(d["layers"]) == 12 and all(layer["structure"] in ("lowrank", "dense") for layer in d["layers"])
     assert all(layer["data_relative_error"] is not None for layer in d["layers"])
     methods = d["eval"]["methods"]
     assert {"sparsefit", "svd", "svd_whitened"} <= set(methods)

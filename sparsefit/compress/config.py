@@ -42,6 +42,11 @@ class CompressConfig(VersionedConfig):
     per layer from the fields above (one place for each setting).
     calibration: a safetensors file of recorded layer inputs, a text file or folder (plain text
     or JSONL, one sample per line), or ``"builtin"``; fits then use the layers' real inputs.
+    structures: with ``keep`` and calibration, the candidates each layer chooses from at its
+    budget (smallest data error wins; see :mod:`sparsefit.compress.structures`). The default
+    leaves out ``gtilde`` and ``gtilde+lowrank``: on all-MiniLM-L6-v2 they won no layer
+    (``benchmarks/NOTES.md``) and cost most of the time. candidate_steps: Adam steps of each G~
+    candidate fit.
     """
 
     include: tuple[str, ...] = ()
@@ -55,6 +60,8 @@ class CompressConfig(VersionedConfig):
     growth: float = 2.0
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=3000, batch=256))
     calibration: str | None = None
+    structures: tuple[str, ...] = ("lowrank", "dense")
+    candidate_steps: int = 100
 
     KIND: ClassVar[str] = "compress config"
     VERSION: ClassVar[int] = COMPRESS_CONFIG_VERSION
@@ -88,6 +95,14 @@ class CompressConfig(VersionedConfig):
             raise SparsefitError(f"min depth must be at least 1, got {self.min_depth}")
         if not (self.growth > 1) or not math.isfinite(self.growth):
             raise SparsefitError(f"depth growth factor must be > 1, got {self.growth}")
+        from .structures import STRUCTURES
+
+        object.__setattr__(self, "structures", tuple(self.structures))
+        bad = [x for x in self.structures if x not in STRUCTURES]
+        if bad or not self.structures:
+            raise SparsefitError(f"unknown structure {bad[0] if bad else '(none)'}; choose from {', '.join(STRUCTURES)}")
+        if self.candidate_steps < 1:
+            raise SparsefitError(f"candidate steps must be at least 1, got {self.candidate_steps}")
         if isinstance(self.fit, dict):
             object.__setattr__(self, "fit", FitConfig.from_dict(self.fit))
         if self.fit.depth is not None or self.fit.width is not None:

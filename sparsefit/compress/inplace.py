@@ -23,6 +23,7 @@ from torch import nn
 from ..checkpoint import TensorEntry
 from ..errors import SparsefitError
 from ..fitting import _emit
+from .budget import EFFECT_SAMPLES, keep_budgets
 from .calibrate import ActivationStats, LayerStats, collect_stats, is_activation_file, is_conv1d
 from .config import CompressConfig, select_layers
 from .layer import fit_layer, uniform_budgets
@@ -74,8 +75,15 @@ def compress_(
     transposed = frozenset(f"{n}.weight" for n, m in candidates.items() if is_conv1d(m))
     plans = select_layers(entries, config, transposed, frozenset(e.name for e in entries))
     plans_modules = {p.name: candidates[p.module] for p in plans}
+    if calibration is not None and not isinstance(calibration, Mapping):
+        calibration = list(calibration)  # used twice: statistics, then the effects of the budget
     stats = _stats(model, plans_modules, calibration, config)
-    budgets = uniform_budgets({p.name: p.shape for p in plans}, config)
+    if config.keep is not None and stats is not None and isinstance(calibration, list):
+        budgets: dict[str, int | None] = dict(
+            keep_budgets(model, plans, stats, config.keep, calibration[:EFFECT_SAMPLES])
+        )
+    else:
+        budgets = uniform_budgets({p.name: p.shape for p in plans}, config)
     _emit(callbacks, "on_plan", plans)
     records = []
     for plan in plans:

@@ -42,8 +42,9 @@ class LayerRecord:
     reason: str = ""
     file: str = ""
     rank: int = 0
-    structure: str = "gtilde"  # "gtilde" or "dense" (more structures: see sparsefit.compress.structures)
+    structure: str = "gtilde"  # "gtilde", "lowrank", "gtilde+lowrank" or "dense" (sparsefit.compress.structures)
     transposed: bool = False
+    candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the structure choice's "why"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -192,12 +193,50 @@ def fit_layer(
     """
     from ..calibration import ActivationProbes
 
+    if stats is not None and budget is not None:
+        return choose_layer(weight, stats, budget, config, name=name, callbacks=callbacks)
     probes = ActivationProbes(stats.rows, seed=config.fit.seed) if stats is not None else None
     rec, op = compress_matrix(weight, config, name=name, probes=probes, callbacks=callbacks, max_params=budget)
     rep = Replacement(op) if op is not None else None
     if stats is not None:
         rec.data_relative_error = stats.data_relative_error(rep.to_dense() if rep is not None else weight, weight)
     return rep, rec
+
+
+def choose_layer(
+    weight: torch.Tensor,
+    stats: LayerStats,
+    budget: int,
+    config: CompressConfig,
+    *,
+    name: str = "matrix",
+    callbacks: Sequence[Any] = (),
+) -> tuple[Replacement | None, LayerRecord]:
+    """Budget mode with calibration: every structure of ``config.structures`` is fitted within
+    ``budget`` parameters on the data loss (:func:`sparsefit.compress.structures.choose`) and the
+    smallest data error wins; the record lists every candidate's errors (``candidates``, ``reason``)."""
+    from .structures import GTildeSettings, choose, smallest_params, whitening
+
+    m, k = weight.shape
+    t0 = time.perf_counter()
+    settings = GTildeSettings(steps=config.candidate_steps, seed=config.fit.seed)
+    least = smallest_params(m, k, config.structures)
+    if budget < least:
+        rec = LayerRecord(name, (m, k), "", "dense", None, 0, m * k, m * k, *([None] * 5), [], [], 0.0)
+        rec.structure, rec.reason = "dense", f"no structure fits {budget} parameters (the smallest needs {least})"
+        return None, rec
+    c = choose(weight, whitening(stats.gram), budget, config.structures, settings, callbacks=callbacks)
+    f = c.chosen
+    rec = LayerRecord(
+        name, (m, k), "", "dense" if f.structure == "dense" else "compressed",
+        f.depth or None, f.width, m * k, f.params, f.weight_error, "exact", f.data_error,
+        f.rank if f.a is not None else None, None, [], [], time.perf_counter() - t0,
+        reason=c.why(), structure=f.structure, candidates=[x.summary() for x in c.candidates],
+    )  # fmt: skip
+    if f.structure == "dense":
+        return None, rec
+    lowrank = (f.a.float(), f.b.float()) if f.a is not None and f.b is not None else (None, None)
+    return Replacement(f.operator, *lowrank), rec
 
 
 def uniform_budgets(shapes: dict[str, tuple[int, int]], config: CompressConfig) -> dict[str, int | None]:

@@ -23,10 +23,11 @@ import torch
 from ..checkpoint import FLOAT_DTYPES, Checkpoint, TensorEntry, copy_passthrough, open_checkpoint
 from ..errors import SparsefitError
 from ..fitting import _emit as emit
+from .budget import checkpoint_budgets
 from .config import CompressConfig, LayerPlan, select_layers
 from .distributed import RankGroup, dist_info
 from .format import MANIFEST_FORMAT, MANIFEST_VERSION, read_layer_header, write_layer
-from .layer import LayerRecord, fit_layer, uniform_budgets
+from .layer import LayerRecord, fit_layer
 
 
 @dataclass
@@ -188,7 +189,7 @@ def compress_checkpoint(
     (out / "layers").mkdir(parents=True, exist_ok=True)
     _remove_temp_files(out, {f"{p.index:05d}.safetensors" for p in plans if p.index % world == rank}, rank == 0)
     stats_source, calib_fp = open_stats(source, plans, config, out, callbacks)
-    budgets = uniform_budgets({p.name: p.shape for p in plans}, config)
+    budgets = checkpoint_budgets(source, plans, stats_source, config)
     emit(callbacks, "on_plan", plans)
 
     skipped: list[str] = []
