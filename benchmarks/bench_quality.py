@@ -59,6 +59,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         "svd_rank": m.svd_rank,
         "mse_last": m.mse_last,
         "seconds": round(time.perf_counter() - t0, 2),
+        "history": r.history,
     }
 
 
