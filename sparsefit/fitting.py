@@ -207,7 +207,7 @@ def make_probe_source(
 class TorchStep:
     """Autograd through ``op(x, backend)`` (torch, reference or the CUDA kernel) and ``torch.optim.Adam``."""
 
-    def __init__(self, op: GTilde, out_features: int, backend: str) -> None:
+    def __init__(self, op: GTilde, out_features: int, backend: Backend | str) -> None:
         self.op, self.m, self.backend = op, out_features, backend
         self.opt = torch.optim.Adam([op.blocks], lr=1e-3)
         self.timings: dict[str, float] = {}
