@@ -5,6 +5,12 @@ The issue's bar: width 2048, depth 24, batch 256 (a 1024×1024 target), ≤ 15 m
 fused numba kernel; all compute the same loss and gradient (checked here before timing).
 
     python benchmarks/bench_cpu_step.py [--width 2048 --depth 24 --batch 256 --repeats 30] [--csv out.csv]
+
+``--split TARGET`` (``sparse3``, ``lowrank3``, ...) times a whole fit step the way
+:func:`sparsefit.fit` runs it instead, one part at a time: probes, the target product, the
+kernel, the regulariser gradient, the optimiser (``--loss exact`` drops the first two):
+
+    python benchmarks/bench_cpu_step.py --split sparse3 --depth 40 --batch 1024 [--loss exact]
 """
 
 from __future__ import annotations
@@ -41,6 +47,45 @@ def time_it(fn, args, repeats, inputs):
     return statistics.median(ts), min(ts)
 
 
+def split_step(a, dt) -> list[dict]:
+    """Time each part of a fit step (median / min over ``a.repeats`` steps), in fit()'s order."""
+    import math
+
+    import sparsefit
+    from sparsefit.fitting import make_probe_source, make_step
+    from sparsefit.operator import GTilde
+    from sparsefit.targets import as_target
+
+    kinds = {"perm": ("perm", 1), "sparse3": ("sparse", 3), "band3": ("band", 3), "lowrank3": ("lowrank", 3)}
+    kind, kk = kinds[a.split]
+    size = a.width // 2
+    tgt = as_target(sparsefit.synth(kind, size=size, k=kk, seed=0))
+    config = sparsefit.FitConfig(depth=a.depth, batch=a.batch, loss=a.loss, dtype=a.dtype, backend=a.backend)
+    op = GTilde(size, size, a.depth, a.width, seed=0, dtype=dt)
+    probes = make_probe_source(tgt, config, op, None)
+    step = make_step(op, config, tgt.shape[0])
+    phase = config.phase_steps()[0][1]
+    parts: dict[str, list[float]] = {}
+    cpu: list[float] = []
+    for i in range(a.repeats + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        x, t = probes.next()
+        step(x, t, phase)
+        timings = {**probes.timings, **step.timings}
+        if i:  # the first step compiles
+            for name, sec in timings.items():
+                parts.setdefault(name, []).append(sec)
+            parts.setdefault("total", []).append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    assert math.isfinite(float(step.last_mse))
+    rows = [dict(part=name, median_ms=statistics.median(v) * 1e3, min_ms=min(v) * 1e3) for name, v in parts.items()]
+    # CPU seconds of all threads: on a shared machine a steadier measure of the work than wall time
+    rows.append(
+        dict(part="total, CPU time of all threads", median_ms=statistics.median(cpu) * 1e3, min_ms=min(cpu) * 1e3)
+    )
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=2048)
@@ -50,8 +95,21 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--backends", default="torch,numba", help="comma list of reference,torch,numba")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--split", default=None, help="time a fit step part by part on this target class")
+    ap.add_argument("--loss", default="probes", help="with --split: probes or exact")
+    ap.add_argument("--backend", default="auto", help="with --split: the fit backend")
     a = ap.parse_args(argv)
     dt = getattr(torch, a.dtype)
+    if a.split:
+        rows = split_step(a, dt)
+        print(
+            f"fit step split: {a.split}, width {a.width}, depth {a.depth}, batch {a.batch}, loss {a.loss}, "
+            f"{a.dtype}, threads {torch.get_num_threads()}"
+        )
+        print("part | median_ms | min_ms")
+        for r in rows:
+            print(f"{r['part']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}")
+        return 0
     n, N = a.width, a.depth
     m = k = n // 2
     g = torch.Generator().manual_seed(0)

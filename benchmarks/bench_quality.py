@@ -39,6 +39,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         seed=seed,
         backend=args.backend,
         device=args.device,
+        polish=args.polish,
     )
     t0 = time.perf_counter()
     r = sparsefit.fit(a, config)
@@ -51,6 +52,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         "params": m.params,
         "schedule": schedule,
         "loss": loss,
+        "polish": args.polish,
         "seed": seed,
         "steps": args.steps,
         "batch": args.batch,
@@ -59,6 +61,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         "svd_rank": m.svd_rank,
         "mse_last": m.mse_last,
         "seconds": round(time.perf_counter() - t0, 2),
+        "history": r.history,
     }
 
 
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schedules", default="paper", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     ap.add_argument("--losses", default="probes", help="comma-separated: probes, exact")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--csv", default=None)

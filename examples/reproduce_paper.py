@@ -53,6 +53,7 @@ def run(args: argparse.Namespace, log=print) -> list[dict]:
                 steps=args.steps,
                 batch=args.batch,
                 schedule=args.schedule,
+                loss=args.loss,
                 seed=args.seed,
                 backend=args.backend,
                 device=args.device,
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depths", default="4,6,8,12,16,24", help="comma-separated depths N")
     ap.add_argument("--ks", default="1,2,3,4,5", help="difficulty k for lowrank, band and sparse")
     ap.add_argument("--experiments", default=",".join(EXPERIMENTS))
-    ap.add_argument("--schedule", default="paper")
+    ap.add_argument("--schedule", default=sparsefit.FitConfig().schedule)
+    ap.add_argument("--loss", default=sparsefit.FitConfig().loss, help="probes, exact or auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")

@@ -37,7 +37,7 @@ import torch
 from .config import FitConfig
 from .errors import SparsefitError
 from .fitting import FitResult, _emit, fit
-from .operator import GTilde, default_width, gtilde_num_parameters
+from .operator import GTilde, gtilde_num_parameters
 from .permutations import SAMPLERS, inverse_permutations, sample_permutations
 from .targets import Target, as_target
 
@@ -179,7 +179,7 @@ def fit_auto(
         raise SparsefitError(f"refine must be >= 0, got {refine}")
     tgt: Target = as_target(target, shape)
     m, k = tgt.shape
-    width = config.width if config.width is not None else default_width(m, k)
+    width, _ = config.resolve_shape(m, k)
     per_layer = gtilde_num_parameters(1, width)
     if max_params is not None:
         if max_params < per_layer:

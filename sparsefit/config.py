@@ -144,10 +144,12 @@ SCHEDULES = {
 #: power-of-two width and the dense target).
 INITS = ("random", "butterfly")
 
-#: The training loss: ``probes`` (the note's: fresh N(0, I) probes each step) or ``exact``
-#: (the whole ``||G~ − A||²_F / out`` each step, through the scaled identity as probes; a batch of
-#: ``in_features`` columns, exact gradients, no probe noise — for targets with few columns).
-LOSSES = ("probes", "exact")
+#: The training loss: ``probes`` (the note's: fresh N(0, I) probes each step), ``exact`` (the
+#: whole ``||G~ − A||²_F / out`` each step, through the scaled identity as probes; a batch of
+#: ``in_features`` columns, exact gradients, no probe noise), or ``auto``: exact when the target
+#: has at most ``batch`` columns (then it costs no more than a batch of probes) and no custom
+#: probes are given, else probes.
+LOSSES = ("auto", "probes", "exact")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -165,6 +167,7 @@ class FitConfig(VersionedConfig):
     ``phases`` overrides ``schedule`` and ``lr`` when given. ``init`` (``random`` or
     ``butterfly``, see :data:`INITS`) picks the starting blocks and ``loss`` (``probes`` or
     ``exact``, see :data:`LOSSES`) the training loss; ``steps=0`` keeps a closed-form init as it is.
+    ``polish``: L-BFGS iterations on the exact loss after the Adam steps (0: none).
     """
 
     depth: int | None = None
@@ -182,6 +185,7 @@ class FitConfig(VersionedConfig):
     eval_every: int = 100
     init: str = "random"
     loss: str = "probes"
+    polish: int = 0
 
     KIND: ClassVar[str] = "fit config"
     VERSION: ClassVar[int] = CONFIG_VERSION
@@ -214,6 +218,8 @@ class FitConfig(VersionedConfig):
         from .kernels import parse_backend
 
         object.__setattr__(self, "backend", parse_backend(self.backend).value)  # "numba" (old name) -> "cpu"
+        if self.polish < 0:
+            raise SparsefitError(f"polish must be >= 0 L-BFGS iterations, got {self.polish}")
         if self.eval_every < 1:
             raise SparsefitError(f"eval_every must be at least 1, got {self.eval_every}")
         if self.seed < 0:
@@ -227,6 +233,20 @@ class FitConfig(VersionedConfig):
 
         if self.sampler not in SAMPLERS:
             raise SparsefitError(f"unknown permutation sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+
+    def resolve_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """``(width, depth)`` for a target of this shape: the one place the defaults are applied
+        (width ``2·max(out, in)``, depth ``2·ceil(log2 width)``)."""
+        from .operator import default_width
+
+        width = self.width if self.width is not None else default_width(out_features, in_features)
+        return width, resolve_depth(self.depth, width)
+
+    def resolved_loss(self, in_features: int, custom_probes: bool = False) -> str:
+        """``probes`` or ``exact``: what ``loss`` means for a target with ``in_features`` columns."""
+        if self.loss != "auto":
+            return self.loss
+        return "exact" if in_features <= self.batch and not custom_probes else "probes"
 
     def resolved_phases(self) -> tuple[Phase, ...]:
         return self.phases if self.phases is not None else SCHEDULES[self.schedule](self.lr)

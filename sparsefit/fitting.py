@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from .config import FitConfig, resolve_depth
+from .config import FitConfig, Phase
 from .errors import SparsefitError
-from .kernels import Backend, fused_cpu_available, parse_backend, resolve_backend
+from .kernels import Backend, dispatch, fused_cpu_available, parse_backend, resolve_backend
 from .metrics import ErrorEstimate, SvdBaseline, relative_error, svd_baseline
-from .operator import GTilde, default_width, gtilde_flops_per_matvec, orthogonality_penalty_grad
+from .operator import GTilde, gtilde_flops_per_matvec, orthogonality_penalty, orthogonality_penalty_grad
 from .targets import Target, as_target
 
 #: ``loss="exact"`` probes with all ``in_features`` unit vectors each step; beyond this many it refuses.
@@ -127,6 +127,261 @@ def _emit(callbacks: Sequence[Any], name: str, *args: Any) -> None:
             fn(*args)
 
 
+# ----------------------------------------------------------------------------------------------
+# Probe sources: where each step's ``(x, t = x Aᵀ)`` comes from
+# ----------------------------------------------------------------------------------------------
+class ExactProbes:
+    """The scaled identity ``x = √k·I`` every step (``E[x xᵀ] = I`` as for N(0, I) probes, so the
+    loss has the same scale): the loss is exactly ``||G~ − A||²_F / out``, with no probe noise.
+    ``t`` is computed once."""
+
+    def __init__(self, tgt: Target, device: torch.device, dtype: torch.dtype) -> None:
+        k = tgt.in_features
+        self.x = torch.eye(k, device=device, dtype=dtype) * math.sqrt(k)
+        self.t = tgt.matmat(self.x)
+        self.timings: dict[str, float] = {}
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.t
+
+
+class RandomProbes:
+    """Fresh probes each step, N(0, I) or drawn by ``draw(batch, generator)``; ``t`` is the
+    target's product (one GEMM for dense targets, a CSR product for sparse ones)."""
+
+    def __init__(
+        self,
+        tgt: Target,
+        batch: int,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        draw: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+    ) -> None:
+        self.tgt, self.batch, self.device, self.dtype, self.draw = tgt, batch, device, dtype, draw
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.timings: dict[str, float] = {}
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        if self.draw is not None:
+            x = self.draw(self.batch, self.gen).to(device=self.device, dtype=self.dtype)
+        else:
+            x = torch.randn(self.batch, self.tgt.in_features, generator=self.gen, device=self.device, dtype=self.dtype)
+        t1 = time.perf_counter()
+        t = self.tgt.matmat(x)
+        self.timings = {"probes": t1 - t0, "target": time.perf_counter() - t1}
+        return x, t
+
+
+def _exact_source(tgt: Target, op: GTilde) -> ExactProbes:
+    if tgt.in_features > EXACT_LOSS_MAX_COLUMNS:
+        raise SparsefitError(
+            f"the exact loss needs all {tgt.in_features} columns every step (more than "
+            f"{EXACT_LOSS_MAX_COLUMNS}); use --loss probes (and no --polish)"
+        )
+    return ExactProbes(tgt, op.blocks.device, op.blocks.dtype)
+
+
+def make_probe_source(
+    tgt: Target,
+    config: FitConfig,
+    op: GTilde,
+    probes: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+) -> ExactProbes | RandomProbes:
+    """The probe source ``config`` asks for, on ``op``'s device and dtype (the target prepared there)."""
+    device, dtype = op.blocks.device, op.blocks.dtype
+    tgt.prepare(device, dtype)
+    if config.resolved_loss(tgt.in_features, custom_probes=probes is not None) == "exact":
+        if probes is not None:
+            raise SparsefitError("the exact loss probes with the identity; it cannot be combined with custom probes")
+        return _exact_source(tgt, op)
+    return RandomProbes(tgt, config.batch, config.seed + 1, device, dtype, probes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step functions: one per backend, same call ``step(x, t, phase) -> mse`` (a 0-d tensor); each
+# updates ``op.blocks`` in place by Adam on ``mse + phase.reg · penalty`` and records the seconds
+# spent per part in ``step.timings``.
+# ----------------------------------------------------------------------------------------------
+class TorchStep:
+    """Autograd through ``op(x, backend)`` (torch, reference or the CUDA kernel) and ``torch.optim.Adam``."""
+
+    def __init__(self, op: GTilde, out_features: int, backend: Backend | str) -> None:
+        self.op, self.m, self.backend = op, out_features, backend
+        self.opt = torch.optim.Adam([op.blocks], lr=1e-3)
+        self.timings: dict[str, float] = {}
+        self.last_mse = torch.zeros(())
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, phase: Phase) -> torch.Tensor:
+        t0 = time.perf_counter()
+        op = self.op
+        y = op(x, backend=self.backend)
+        mse = ((y - t) ** 2).sum(1).mean() / self.m
+        loss = mse + phase.reg * op.orthogonality_penalty() if phase.reg > 0 else mse
+        loss.backward()
+        t1 = time.perf_counter()
+        for group in self.opt.param_groups:
+            group["lr"] = phase.lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.timings = {"kernel+regulariser": t1 - t0, "optimiser": time.perf_counter() - t1}
+        self.last_mse = mse.detach()
+        return self.last_mse
+
+    def loss_and_grad(self, x: torch.Tensor, t: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mse + reg · penalty, its gradient)`` at the current blocks, no update."""
+        b = self.op.blocks.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = dispatch(self.backend, x, b, self.op.perms, self.m, self.op.inv_perms)
+            loss = ((y - t) ** 2).sum(1).mean() / self.m + reg * orthogonality_penalty(b)
+            (grad,) = torch.autograd.grad(loss, b)
+        return loss.detach(), grad
+
+
+class NumbaStep:
+    """The fused numba kernel (forward, loss, block gradient), then one compiled pass that reduces
+    the gradient groups, adds the regulariser's gradient and applies Adam (same update as
+    ``torch.optim.Adam``; see :func:`sparsefit.kernels.cpu.adam_step_reference`)."""
+
+    def __init__(self, op: GTilde, out_features: int) -> None:
+        from .kernels import cpu
+
+        self.cpu, self.op, self.m = cpu, op, out_features
+        self.state = cpu.AdamState.zeros_like(op.blocks.detach())
+        self.timings: dict[str, float] = {}
+        self.last_mse = torch.zeros(())
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, phase: Phase) -> torch.Tensor:
+        blocks = self.op.blocks.detach()
+        self.last_mse = self.cpu.adam_step_numba(
+            x, t, blocks, self.op.perms, self.m, self.state, lr=phase.lr, reg=phase.reg, timings=self.timings
+        )
+        return self.last_mse
+
+    def loss_and_grad(self, x: torch.Tensor, t: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mse + reg · penalty, its gradient)`` at the current blocks, no update."""
+        blocks = self.op.blocks.detach()
+        mse, grad = self.cpu.fit_step_numba(x, t, blocks, self.op.perms, self.m)
+        if reg > 0:
+            mse = mse + reg * orthogonality_penalty(blocks)
+            grad += reg * orthogonality_penalty_grad(blocks)
+        return mse, grad
+
+
+def make_step(op: GTilde, config: FitConfig, out_features: int) -> TorchStep | NumbaStep:
+    """The step function for ``config.backend`` on ``op``'s device."""
+    backend = _step_backend(config, op.blocks.device)
+    if backend is Backend.CPU:
+        return NumbaStep(op, out_features)
+    return TorchStep(op, out_features, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Best-so-far tracking and progress reports
+# ----------------------------------------------------------------------------------------------
+class BestSoFar:
+    """Keeps the blocks with the lowest mean loss over each ``every``-step window (and the
+    history of window means); the device is synchronised once per window."""
+
+    def __init__(self, every: int, device: torch.device) -> None:
+        self.every = every
+        self.window = torch.zeros((), dtype=torch.float64, device=device)
+        self.n = 0
+        self.best_mse = math.inf
+        self.best_blocks: torch.Tensor | None = None
+        self.last_mse = math.nan
+        self.history: list[tuple[int, float]] = []
+
+    def add(self, done: int, mse: torch.Tensor, blocks: torch.Tensor, last: bool) -> None:
+        self.window += mse.to(torch.float64)
+        self.n += 1
+        if done % self.every == 0 or last:
+            w = float(self.window) / self.n
+            self.history.append((done, w))
+            self.last_mse = w
+            if w <= self.best_mse:
+                self.best_mse, self.best_blocks = w, blocks.detach().clone()
+            self.window.zero_()
+            self.n = 0
+
+    def restore(self, op: GTilde) -> None:
+        if self.best_blocks is not None:
+            with torch.no_grad():
+                op.blocks.copy_(self.best_blocks)
+
+
+class _Reporter:
+    """Mean loss since the last report, every :data:`REPORT_EVERY` steps, to the callbacks;
+    raises on divergence."""
+
+    def __init__(self, callbacks: Sequence[Any], total: int, device: torch.device) -> None:
+        self.callbacks, self.total = callbacks, total
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.n = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, done: int, mse: torch.Tensor, phase: Phase, phase_idx: int) -> bool:
+        """Returns True when a report was made (the caller may then poll ``should_stop``)."""
+        self.sum += mse.to(torch.float64)
+        self.n += 1
+        if not (done % REPORT_EVERY == 0 or done == self.total):
+            return False
+        r = float(self.sum) / self.n
+        if not math.isfinite(r):
+            raise SparsefitError(
+                f"the fit diverged (loss {r}) at step {done}; lower the learning rate or check the matrix scale"
+            )
+        info = StepInfo(done, self.total, r, phase.reg, phase.lr, phase_idx, time.perf_counter() - self.t0)
+        _emit(self.callbacks, "on_step", info)
+        self.sum.zero_()
+        self.n = 0
+        return True
+
+
+def polish(
+    op: GTilde,
+    step: TorchStep | NumbaStep,
+    exact: ExactProbes,
+    iterations: int,
+    reg: float,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[float]:
+    """L-BFGS (strong Wolfe line search) on the exact loss ``||G~ − A||²_F / out + reg · penalty``,
+    from the current blocks, for ``iterations`` iterations; every accepted iterate lowers the
+    loss. Returns the loss after each iteration."""
+    x, t = exact.next()
+    opt = torch.optim.LBFGS(
+        [op.blocks],
+        lr=1.0,
+        max_iter=1,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+    )
+
+    def closure() -> torch.Tensor:
+        loss, grad = step.loss_and_grad(x, t, reg)
+        op.blocks.grad = grad.to(op.blocks.dtype)
+        return loss
+
+    losses = []
+    for _ in range(iterations):
+        losses.append(float(opt.step(closure)))
+        if not math.isfinite(losses[-1]) or (should_stop is not None and should_stop()):
+            break
+    op.blocks.grad = None
+    return losses
+
+
+def _phase_at(phases: list[tuple[int, Phase]], step: int) -> int:
+    idx = 0
+    while idx + 1 < len(phases) and step >= phases[idx + 1][0]:
+        idx += 1
+    return idx
+
+
 def fit(
     target: Any,
     config: FitConfig | None = None,
@@ -165,162 +420,105 @@ def fit(
     m, k = tgt.shape
     device = resolve_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    width = config.width if config.width is not None else default_width(m, k)
-    depth = resolve_depth(config.depth, width)
-
-    if config.loss == "exact":
-        if probes is not None:
-            raise SparsefitError("the exact loss probes with the identity; it cannot be combined with custom probes")
-        if k > EXACT_LOSS_MAX_COLUMNS:
-            raise SparsefitError(
-                f"the exact loss needs all {k} columns every step (more than {EXACT_LOSS_MAX_COLUMNS}); "
-                "use --loss probes"
-            )
+    width, depth = config.resolve_shape(m, k)
     if init is None and config.init == "butterfly":
         from .butterfly import butterfly_init
 
         init = butterfly_init(tgt, depth, width, seed=config.seed, dtype=dtype)
+    start_blocks = None  # kept if the steps end worse than the start
     if init is not None:
         if (init.out_features, init.in_features, init.width) != (m, k, width):
             raise SparsefitError("init operator does not match the target's shape and width")
         op = init.to(device=device, dtype=dtype)
-        depth = op.depth
-        start_blocks = op.blocks.detach().clone()  # kept if the steps end worse than the start
+        start_blocks = op.blocks.detach().clone()
     else:
-        start_blocks = None
         op = GTilde(k, m, depth, width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
-    tgt.prepare(device, dtype)
-    exact = None
-    if config.loss == "exact":  # x = √k·I: E[x xᵀ] = I as for N(0, I) probes, so the same loss scale
-        eye = torch.eye(k, device=device, dtype=dtype) * math.sqrt(k)
-        exact = (eye, tgt.matmat(eye))
-    backend = _step_backend(config, device)
-    fused_cpu = None
-    if backend is Backend.CPU:
-        from .kernels.cpu import fit_step_numba as fused_cpu
-
+    source = make_probe_source(tgt, config, op, probes)
+    step = make_step(op, config, m)
     phases = config.phase_steps()
-    opt = torch.optim.Adam([op.blocks], lr=phases[0][1].lr)
-    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-
     info = {
         "steps": config.steps,
-        "depth": depth,
+        "depth": op.depth,
         "width": width,
         "shape": (m, k),
         "device": str(device),
-        "backend": backend.value,
+        "backend": _step_backend(config, device).value,
+        "loss": "exact" if isinstance(source, ExactProbes) else "probes",
         "params": op.num_parameters,
     }
     _emit(callbacks, "on_start", info)
 
-    t0 = time.perf_counter()
-    history: list[tuple[int, float]] = []
-    best_mse, best_blocks = math.inf, None
-    window = torch.zeros((), dtype=torch.float64, device=device)
-    window_n = 0
-    report = torch.zeros((), dtype=torch.float64, device=device)
-    report_n = 0
-    last_window_mse = math.nan
+    best = BestSoFar(config.eval_every, device)
+    reporter = _Reporter(callbacks, config.steps, device)
     interrupted = False
-    completed = 0
-    phase_idx, (_, phase) = 0, phases[0]
+    done = 0
     try:
-        for step in range(config.steps):
-            while phase_idx + 1 < len(phases) and step >= phases[phase_idx + 1][0]:
-                phase_idx += 1
-                phase = phases[phase_idx][1]
-                for group in opt.param_groups:
-                    group["lr"] = phase.lr
-            if exact is not None:
-                x, t = exact
-            else:
-                if probes is not None:
-                    x = probes(config.batch, gen).to(device=device, dtype=dtype)
-                else:
-                    x = torch.randn(config.batch, k, generator=gen, device=device, dtype=dtype)
-                t = tgt.matmat(x)
-            if fused_cpu is not None:
-                mse, grad = fused_cpu(x, t, op.blocks.detach(), op.perms, m)
-                if phase.reg > 0:
-                    grad += phase.reg * orthogonality_penalty_grad(op.blocks.detach())
-                op.blocks.grad = grad
-            else:
-                y = op(x, backend=backend)
-                mse = ((y - t) ** 2).sum(1).mean() / m
-                loss = mse + phase.reg * op.orthogonality_penalty() if phase.reg > 0 else mse
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            completed += 1
-            mse_d = mse.detach().to(torch.float64)
-            window += mse_d
-            report += mse_d
-            window_n += 1
-            report_n += 1
-            done = completed
-            if done % REPORT_EVERY == 0 or done == config.steps:
-                r = float(report) / report_n
-                if not math.isfinite(r):
-                    raise SparsefitError(
-                        f"the fit diverged (loss {r}) at step {done}; lower the learning rate or check the matrix scale"
-                    )
-                _emit(
-                    callbacks,
-                    "on_step",
-                    StepInfo(done, config.steps, r, phase.reg, phase.lr, phase_idx, time.perf_counter() - t0),
-                )
-                report.zero_()
-                report_n = 0
-                if should_stop is not None and should_stop():
-                    interrupted = True
-                    break
-            if done % config.eval_every == 0 or done == config.steps:
-                w = float(window) / window_n
-                history.append((done, w))
-                last_window_mse = w
-                if w <= best_mse:
-                    best_mse, best_blocks = w, op.blocks.detach().clone()
-                window.zero_()
-                window_n = 0
+        for i in range(config.steps):
+            phase_idx = _phase_at(phases, i)
+            phase = phases[phase_idx][1]
+            x, t = source.next()
+            mse = step(x, t, phase)
+            done = i + 1
+            best.add(done, mse, op.blocks, done == config.steps)
+            if reporter.add(done, mse, phase, phase_idx) and should_stop is not None and should_stop():
+                interrupted = True
+                break
     except KeyboardInterrupt:
         interrupted = True
-    steps_run = completed
-    fit_seconds = time.perf_counter() - t0
-    if best_blocks is not None:
-        with torch.no_grad():
-            op.blocks.copy_(best_blocks)
+    best.restore(op)
     op.blocks.grad = None
-    error = None  # measured here when a start has to be compared; evaluate() reuses it
-    if start_blocks is not None and steps_run > 0:
-        # Judged on the fit's own objective: the probes' exact loss where they define one (data-
-        # aware fits), else the relative Frobenius error.
-        judge = getattr(probes, "loss", None)
-        trained = op.blocks.detach().clone()
-        err_trained = judge(op, tgt) if judge is not None else relative_error(op, tgt, seed=config.seed)
-        with torch.no_grad():
-            op.blocks.copy_(start_blocks)
-        err_start = judge(op, tgt) if judge is not None else relative_error(op, tgt, seed=config.seed)
-        start_better = err_start < err_trained if judge is not None else err_start.value < err_trained.value
-        if start_better:
-            error = None if judge is not None else err_start
-        else:
-            error = None if judge is not None else err_trained
+    if config.polish and not interrupted:
+        exact = source if isinstance(source, ExactProbes) else _exact_source(tgt, op)
+        before = op.blocks.detach().clone()
+        losses = polish(op, step, exact, config.polish, phases[-1][1].reg, should_stop)
+        if not (losses and math.isfinite(losses[-1])):
             with torch.no_grad():
-                op.blocks.copy_(trained)
+                op.blocks.copy_(before)
+    fit_seconds = time.perf_counter() - reporter.t0
+    error = _keep_start_if_better(op, tgt, start_blocks, config.seed, probes) if start_blocks is not None and done else None
     metrics = evaluate(
         op,
         tgt,
         seed=config.seed,
         error=error,
-        mse_last=last_window_mse if not interrupted else best_mse,
-        steps_run=steps_run,
+        mse_last=best.last_mse if not interrupted else best.best_mse,
+        steps_run=done,
         seconds=fit_seconds,
         interrupted=interrupted,
     )
-    result = FitResult(op, metrics, config, history)
+    result = FitResult(op, metrics, config, best.history)
     _emit(callbacks, "on_end", result)
     return result
+
+
+def _keep_start_if_better(
+    op: GTilde, tgt: Target, start_blocks: torch.Tensor, seed: int, probes: Any = None
+) -> ErrorEstimate | None:
+    """Put the start's blocks back if they are better than the trained ones.
+
+    Judged on the fit's own objective: the probes' exact loss where they define one (data-aware
+    fits, ``probes.loss``), else the relative Frobenius error. Returns the relative error of
+    whichever is kept when that was the judge (so :func:`evaluate` need not measure it again), else
+    None.
+    """
+    judge = getattr(probes, "loss", None)
+
+    def score(e: Any) -> float:
+        return float(e) if judge is not None else e.value
+
+    def measure() -> Any:
+        return judge(op, tgt) if judge is not None else relative_error(op, tgt, seed=seed)
+
+    trained = op.blocks.detach().clone()
+    err_trained = measure()
+    with torch.no_grad():
+        op.blocks.copy_(start_blocks)
+    err_start = measure()
+    if score(err_start) < score(err_trained):
+        return None if judge is not None else err_start
+    with torch.no_grad():
+        op.blocks.copy_(trained)
+    return None if judge is not None else err_trained
 
 
 def evaluate(

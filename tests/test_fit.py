@@ -177,3 +177,62 @@ def test_torch_backend_used_when_asked():
 
     fit(a, SMALL.replace(steps=30, backend="torch"), [CB()])
     assert infos[0]["backend"] == "torch"
+
+
+# -- pieces of fit(): shape resolution, loss choice, step functions, polish ------------------------
+def test_width_and_depth_resolved_in_one_place():
+    assert FitConfig().resolve_shape(10, 30) == (60, 2 * math.ceil(math.log2(60)))
+    assert FitConfig(width=64, depth=5).resolve_shape(10, 30) == (64, 5)
+    r = fit(np.eye(6)[:, :5], FitConfig(steps=5, batch=4))
+    assert (r.metrics.width, r.metrics.depth) == FitConfig().resolve_shape(6, 5)
+
+
+def test_loss_auto_is_exact_when_no_more_columns_than_batch():
+    cfg = FitConfig(loss="auto", batch=64)
+    assert cfg.resolved_loss(64) == "exact" and cfg.resolved_loss(65) == "probes"
+    assert cfg.resolved_loss(8, custom_probes=True) == "probes"
+    seen = []
+    fit(
+        np.eye(8),
+        FitConfig(loss="auto", steps=3, batch=8),
+        [type("CB", (), {"on_start": lambda s, i: seen.append(i)})()],
+    )
+    assert seen[0]["loss"] == "exact"
+    # custom probes with loss auto: probes, no error
+    r = fit(np.eye(8), FitConfig(loss="auto", steps=3, batch=8), probes=lambda b, g: torch.randn(b, 8, generator=g))
+    assert r.metrics.steps_run == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_step_loss_and_grad_match_reference(backend):
+    from sparsefit.fitting import ExactProbes, make_step
+    from sparsefit.kernels.cpu import fit_step_reference
+    from sparsefit.operator import GTilde, orthogonality_penalty
+
+    a = sparsefit.synth("band", size=9, k=2, seed=0)
+    op = GTilde(9, 9, 5, 22, seed=3, dtype=torch.float64)
+    with torch.no_grad():
+        op.blocks.add_(
+            0.1 * torch.randn(op.blocks.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        )
+    x, t = ExactProbes(as_target(a), torch.device("cpu"), torch.float64).next()
+    step = make_step(op, FitConfig(backend=backend, dtype="float64"), 9)
+    loss, grad = step.loss_and_grad(x, t, 0.7)
+    mse_ref, grad_ref = fit_step_reference(x, t, op.blocks.detach(), op.perms, 9)
+    b = op.blocks.detach().clone().requires_grad_(True)
+    pen = orthogonality_penalty(b)
+    (pgrad,) = torch.autograd.grad(pen, b)
+    assert float(loss) == pytest.approx(float(mse_ref + 0.7 * pen.detach()), rel=1e-12)
+    assert float(torch.linalg.norm(grad - grad_ref - 0.7 * pgrad) / torch.linalg.norm(grad_ref)) < 1e-12
+
+
+def test_polish_lowers_the_exact_loss_and_same_seed_same_bytes():
+    a = sparsefit.synth("sparse", size=12, k=2, seed=2)
+    cfg = FitConfig(depth=8, steps=150, loss="exact", phases=(Phase(1.0, 1e-2, 0.0),), seed=4)
+    plain = fit(a, cfg)
+    pol = fit(a, cfg.replace(polish=30))
+    assert pol.metrics.relative_error < plain.metrics.relative_error
+    again = fit(a, cfg.replace(polish=30))
+    assert torch.equal(pol.operator.blocks, again.operator.blocks)
+    with pytest.raises(SparsefitError, match="polish"):
+        FitConfig(polish=-1)

@@ -30,6 +30,9 @@ Importing this module never fails; :func:`is_available` says whether numba is in
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
 from .reference import gtilde_reference
@@ -63,6 +66,56 @@ def fit_step_reference(
         mse = ((y - t.to(b.dtype)) ** 2).sum(1).mean() / out_features
         (grad,) = torch.autograd.grad(mse, b)
     return mse.detach(), grad
+
+
+#: Adam's constants, as ``torch.optim.Adam``'s defaults.
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+@dataclass
+class AdamState:
+    """Adam's moments and step count for one ``blocks`` tensor."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int = 0
+
+    @classmethod
+    def zeros_like(cls, blocks: torch.Tensor) -> AdamState:
+        return cls(torch.zeros_like(blocks), torch.zeros_like(blocks), 0)
+
+
+def adam_step_reference(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    blocks: torch.Tensor,
+    perms: torch.Tensor,
+    out_features: int,
+    state: AdamState,
+    *,
+    lr: float,
+    reg: float,
+    timings: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """One training step in plain PyTorch: :func:`fit_step_reference`, plus ``reg`` times the
+    orthogonality penalty's gradient, then Adam (``torch.optim.Adam``'s update) on ``blocks`` in
+    place. Returns the mse (0-d tensor). The penalty (mean over blocks of ``2·||I − BᵀB||²_F``) is
+    differentiated by autograd here, so this also checks the fused pass's closed form."""
+    mse, grad = fit_step_reference(x, t, blocks, perms, out_features)
+    if reg > 0:
+        b = blocks.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            eye = torch.eye(2, dtype=b.dtype)
+            penalty = 2.0 * ((eye - b.transpose(-1, -2) @ b) ** 2).sum(dim=(-1, -2)).mean()
+            (pgrad,) = torch.autograd.grad(penalty, b)
+        grad = grad + reg * pgrad
+    state.step += 1
+    with torch.no_grad():
+        state.exp_avg.lerp_(grad, 1 - BETA1)
+        state.exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+        denom = (state.exp_avg_sq.sqrt() / (1 - BETA2**state.step) ** 0.5).add_(EPS)
+        blocks.addcdiv_(state.exp_avg, denom, value=-lr / (1 - BETA1**state.step))
+    return mse
 
 
 if _HAVE_NUMBA:
@@ -191,6 +244,42 @@ if _HAVE_NUMBA:
                             s += gacc[g, j, blk, r, c]
                         out[j, blk, r, c] = s
 
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _reduce_reg_adam(gacc, blocks, m1, m2, reg, inv_count, lr_c, b1, b2, eps, bc2_sqrt):  # pragma: no cover
+        # One pass per block: gradient = sum of the groups (fixed order) + reg · d(penalty)/dB,
+        # then Adam. d(penalty)/dB = −8·B·(I − BᵀB) / count (see orthogonality_penalty_grad).
+        groups, depth, h = gacc.shape[0], gacc.shape[1], gacc.shape[2]
+        for j in numba.prange(depth):
+            for blk in range(h):
+                b00 = float(blocks[j, blk, 0, 0])
+                b01 = float(blocks[j, blk, 0, 1])
+                b10 = float(blocks[j, blk, 1, 0])
+                b11 = float(blocks[j, blk, 1, 1])
+                c = -8.0 * reg * inv_count
+                m00 = 1.0 - (b00 * b00 + b10 * b10)
+                m01 = -(b00 * b01 + b10 * b11)
+                m11 = 1.0 - (b01 * b01 + b11 * b11)
+                r00 = c * (b00 * m00 + b01 * m01)
+                r01 = c * (b00 * m01 + b01 * m11)
+                r10 = c * (b10 * m00 + b11 * m01)
+                r11 = c * (b10 * m01 + b11 * m11)
+                for r in range(2):
+                    for cc in range(2):
+                        s = 0.0
+                        for g in range(groups):  # fixed order: deterministic
+                            s += gacc[g, j, blk, r, cc]
+                        if r == 0:
+                            s += r00 if cc == 0 else r01
+                        else:
+                            s += r10 if cc == 0 else r11
+                        gr = blocks.dtype.type(s)
+                        ma = m1[j, blk, r, cc]
+                        ma = ma + (1 - b1) * (gr - ma)
+                        va = b2 * m2[j, blk, r, cc] + (1 - b2) * gr * gr
+                        m1[j, blk, r, cc] = ma
+                        m2[j, blk, r, cc] = va
+                        blocks[j, blk, r, cc] -= lr_c * ma / (np.sqrt(va) / bc2_sqrt + eps)
+
 
 _WORKSPACE: dict[str, np.ndarray] = {}
 
@@ -205,17 +294,12 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray
     return buf
 
 
-def fit_step_numba(
-    x: torch.Tensor, t: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_features: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused numba step; same signature and results as :func:`fit_step_reference`.
-
-    CPU tensors only. ``x`` and ``t`` are cast to ``blocks.dtype`` (float32 or float64).
-    """
+def _run_kernel(x, t, blocks, perms, out_features):
+    """Runs the fused kernel; returns (sum of squared errors, per-group gradient accumulators)."""
     if not _HAVE_NUMBA:  # pragma: no cover
         raise RuntimeError("numba is not installed")
     if x.device.type != "cpu" or blocks.device.type != "cpu":
-        raise ValueError("fit_step_numba runs on CPU tensors")
+        raise ValueError("the numba fit step runs on CPU tensors")
     dtype = blocks.dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"blocks must be float32 or float64, got {dtype}")
@@ -225,7 +309,7 @@ def fit_step_numba(
     xn = x.detach().to(dtype).contiguous().numpy()
     tn = t.detach().to(dtype).contiguous().numpy()
     bn = blocks.detach().contiguous().numpy()
-    pn = perms.detach().to(torch.int64).contiguous().numpy()
+    pn = perms.detach().to(torch.int64).contiguous().numpy()  # no copy for a fit's int64 buffer
     nchunks = (batch + LANES - 1) // LANES
     groups = max(1, min(GROUPS, nchunks))
     npdt = bn.dtype
@@ -235,7 +319,62 @@ def fit_step_numba(
     gacc = _workspace("gacc", (groups, depth, h, 2, 2), np.float64)
     sq = np.zeros(groups, dtype=np.float64)
     _fit_step_kernel(xn, tn, bn, pn, int(out_features), LANES, act, gbuf, gacc, sq)
-    grad = np.empty((depth, h, 2, 2), dtype=npdt)
+    return float(sq.sum()), gacc
+
+
+def adam_step_numba(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    blocks: torch.Tensor,
+    perms: torch.Tensor,
+    out_features: int,
+    state: AdamState,
+    *,
+    lr: float,
+    reg: float,
+    timings: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """One training step, fused: same signature and result as :func:`adam_step_reference`.
+
+    The kernel computes the loss and the per-group block gradients; one more compiled pass sums
+    the groups, adds the regulariser's gradient and applies Adam to ``blocks`` in place (no
+    gradient tensor, no autograd, no optimizer object). ``timings`` (optional) receives the
+    seconds spent in ``kernel`` and ``optimiser``.
+    """
+    t0 = time.perf_counter()
+    sq, gacc = _run_kernel(x, t, blocks, perms, out_features)
+    t1 = time.perf_counter()
+    state.step += 1
+    bn = blocks.detach().numpy()
+    count = blocks.numel() // 4
+    _reduce_reg_adam(
+        gacc,
+        bn,
+        state.exp_avg.numpy(),
+        state.exp_avg_sq.numpy(),
+        float(reg),
+        1.0 / count,
+        float(lr) / (1 - BETA1**state.step),
+        BETA1,
+        BETA2,
+        EPS,
+        (1 - BETA2**state.step) ** 0.5,
+    )
+    if timings is not None:
+        timings["kernel"] = t1 - t0
+        timings["regulariser+optimiser"] = time.perf_counter() - t1
+    return torch.tensor(sq / (out_features * x.shape[0]), dtype=blocks.dtype)
+
+
+def fit_step_numba(
+    x: torch.Tensor, t: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused numba step; same signature and results as :func:`fit_step_reference`.
+
+    CPU tensors only. ``x`` and ``t`` are cast to ``blocks.dtype`` (float32 or float64).
+    """
+    sq, gacc = _run_kernel(x, t, blocks, perms, out_features)
+    grad = np.empty(tuple(blocks.shape), dtype=blocks.detach().numpy().dtype)
     _reduce_groups(gacc, grad)
-    mse = float(sq.sum()) / (out_features * batch)
-    return torch.tensor(mse, dtype=dtype), torch.from_numpy(grad)
+    mse = sq / (out_features * x.shape[0])
+    return torch.tensor(mse, dtype=blocks.dtype), torch.from_numpy(grad)
