@@ -217,7 +217,7 @@ def main() -> None:  # noqa: C901 - a linear script
     ap.add_argument("--effect-sentences", type=int, default=128, help="calibration sentences for the measured weights")
     ap.add_argument(
         "--effect-output",
-        default="pooled",
+        default="similarity",
         help="pooled (embeddings), centred (minus the batch mean) or similarity (pairwise) effects",
     )
     ap.add_argument("--steps", type=int, default=300, help="Adam steps of each G~ candidate fit")

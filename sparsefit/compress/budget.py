@@ -222,6 +222,15 @@ def pooled_output(model: Any, batch: Any) -> Any:
     return torch.nn.functional.normalize(h.reshape(h.shape[0], -1), dim=-1)
 
 
+def pooled_similarity(model: Any, batch: Any) -> Any:
+    """The pairwise cosine similarities of a batch's :func:`pooled_output` vectors ``(b, b)`` (the
+    vectors themselves for a batch of one). Effects measured on these keep the ranking of pair
+    similarities (the Spearman measure) as well as each embedding: on all-MiniLM-L6-v2 at keep 0.5
+    they beat the uniform ratio on both, the embeddings alone only on the cosine."""
+    e = pooled_output(model, batch)
+    return e @ e.t() if e.shape[0] > 1 else e
+
+
 class EffectMeter:
     """How much the model's output moves when one layer's weight is swapped (the others intact).
 
@@ -232,7 +241,7 @@ class EffectMeter:
     change each layer causes at an operating point, measured rather than modelled.
     """
 
-    def __init__(self, model: Any, batches: Sequence[Any], output: Any = pooled_output) -> None:
+    def __init__(self, model: Any, batches: Sequence[Any], output: Any = pooled_similarity) -> None:
         import torch
 
         self.model, self.batches, self.output = model, list(batches), output
@@ -259,7 +268,7 @@ class EffectMeter:
 
 
 def measure_effects(
-    model: Any, batches: Sequence[Any], replaced: dict[str, Any], output: Any = pooled_output
+    model: Any, batches: Sequence[Any], replaced: dict[str, Any], output: Any = pooled_similarity
 ) -> dict[str, float]:
     """:class:`EffectMeter` for several layers, one swapped at a time: ``{name: Σ ||Δy||²}``."""
     meter = EffectMeter(model, batches, output)
