@@ -112,8 +112,8 @@ def grams(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
 
     def hook(name: str):
         def f(mod, args):
-            x = args[0][mask_now[0].bool()].double()
-            out[name] = out.get(name, 0) + x.t() @ x
+            x = args[0][mask_now[0].bool()]
+            out[name] = out.get(name, 0) + (x.t() @ x).double()
 
         return f
 
@@ -261,12 +261,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--intermediate-weight", type=float, default=None)
+    ap.add_argument("--pooled-weight", type=float, default=None)
     ap.add_argument("--no-norms", action="store_true")
     ap.add_argument("--n-calib", type=int, default=2000)
     ap.add_argument("--n-heldout", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill.json")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--gram-cache", type=Path, default=None, help="reuse the calibration Gram matrices from this file")
     args = ap.parse_args()
     if args.plot:
         plot(args.plot, args.png)
@@ -294,6 +296,7 @@ def main() -> None:
             "batch": args.batch,
             "max_length": args.max_length,
             "intermediate_weight": args.intermediate_weight,
+            "pooled_weight": args.pooled_weight,
         }.items()
         if v is not None
     }
@@ -303,7 +306,14 @@ def main() -> None:
     calib_tok = tokenize(tok, calib, dcfg or DistillConfig())
     calib_batches = [{k: v[i : i + 64] for k, v in calib_tok.items()} for i in range(0, len(calib), 64)]
     t0 = time.perf_counter()
-    gram = grams(teacher, calib_batches) if "svd_whitened" in args.methods else None
+    gram = None
+    if "svd_whitened" in args.methods:
+        if args.gram_cache and args.gram_cache.is_file():
+            gram = torch.load(args.gram_cache)
+        else:
+            gram = grams(teacher, calib_batches)
+            if args.gram_cache:
+                torch.save(gram, args.gram_cache)
     gram_s = time.perf_counter() - t0
 
     rows = []
