@@ -265,3 +265,76 @@ def test_bad_inputs():
     one = {k: v[:1] for k, v in data.items()}
     with pytest.raises(SparsefitError, match="at least 2"):
         distill(teacher, compressed(teacher), one, CFG)
+
+
+# ---- integration: compress_(distill=) and sparsefit compress --distill --------------------------
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    from tests.hf_tiny import tiny_bert as tiny_bert_folder
+
+    return tiny_bert_folder(tmp_path_factory.mktemp("bert") / "model")
+
+
+def test_compress_in_memory_with_distill(bert_folder):
+    from sparsefit.compress import CompressConfig, builtin_sentences, compress_, tokenizer_batches
+    from sparsefit.compress.hf import load_model
+    from sparsefit.config import FitConfig
+
+    cfg = CompressConfig(keep=0.5, fit=FitConfig(steps=20, batch=16, seed=0))
+    models = []
+    for d in (None, DistillConfig(steps=20, layer_steps=10, batch=16)):
+        model, tok, _ = load_model(bert_folder)
+        report = compress_(model, cfg, calibration=tokenizer_batches(tok, builtin_sentences()[:200]), distill=d)
+        models.append((model, report))
+    (plain, r0), (distilled, r1) = models
+    assert r0.distill is None and "distill" not in r0.to_dict()
+    assert r1.distill["steps_done"] == 2 * 10 + 20 and r1.distill["train_samples"] + r1.distill["val_samples"] == 200
+    assert r1.distill["metric_after"] >= r1.distill["metric_before"]
+    assert r1.to_dict()["distill"] == r1.distill
+    assert state_bytes(plain) != state_bytes(distilled)
+    with pytest.raises(SparsefitError, match="calibration"):
+        compress_(load_model(bert_folder)[0], cfg, distill="auto")
+
+
+def test_cli_compress_distill_writes_the_distilled_model(bert_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsefit.cli import app
+    from sparsefit.compress import builtin_sentences, load_compressed
+    from sparsefit.compress.hf import empty_model, load_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(builtin_sentences()[:120]) + "\n")
+    runner = CliRunner()
+    base = ["compress", str(bert_folder), "--keep", "0.25", "--calibration", str(text), "--steps", "20"]
+    base += ["--batch", "16", "--quiet"]
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "b"), "--json", str(tmp_path / "b.json"), "--distill", "40"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "b.json").read_text())["distill"]
+    assert d["steps_total"] == 40 + 10 * 2 and d["config"]["steps"] == 40 and d["metric_after"] > d["metric_before"]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["distill"]["metric_after"] == d["metric_after"]
+    assert (tmp_path / "b" / "distill-state.pt").is_file()
+    # the folder reloads as the distilled model: closer to the original than the undistilled one
+    teacher, tok, _ = load_model(bert_folder)
+    data = dict(tok(builtin_sentences("heldout")[:40], padding=True, return_tensors="pt"))
+    losses = []
+    for name in "ab":
+        model = empty_model(tmp_path / name)
+        load_compressed(model, tmp_path / name)
+        losses.append(hidden_loss(teacher.eval(), model.eval(), data))
+    assert losses[1] < losses[0], losses
+    # a rerun resumes the layers and the finished distillation, to the same bytes
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b" / "layers").iterdir()}
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "b"), "--json", str(tmp_path / "c.json"), "--distill", "40"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c.json").read_text())["distill"]["resumed"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b" / "layers").iterdir()} == before
+    r = runner.invoke(app, ["compress", str(bert_folder), "-o", str(tmp_path / "d"), "--keep", "0.5", "--distill", "5"])
+    assert r.exit_code == 2 and "calibration" in r.output
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "e"), "--distill", "lots"])
+    assert r.exit_code == 2 and "auto" in r.output
