@@ -236,6 +236,8 @@ def compress_command(
         calibration=calibration,
     )
     dconfig = DistillConfig(steps=distill, seed=seed) if distill is not None else None
+    if dconfig is not None and (calibration is None or calibration.endswith(".safetensors")):
+        raise SparsefitError("--distill trains on calibration text: add --calibration builtin (or a text file/folder)")
     check_json_target(json_out)
     check_plot_target(plot)
     if plot is not None and not evaluate:
