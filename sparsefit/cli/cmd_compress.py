@@ -20,7 +20,9 @@ from ..compress import (
     verify_compressed,
 )
 from ..compress.evaluate import evaluate_compressed, save_plot
+from ..compress.finetune import distill_folder
 from ..config import FitConfig
+from ..distill import DistillConfig
 from ..errors import SparsefitError
 from .app import app, err_console, user_errors
 from .cmd_eval import EvalProgress, check_plot_target, eval_table
@@ -67,6 +69,33 @@ class LayerProgress(FitProgress):
         self.progress.console.print(
             f"[{self.done}/{self.total}] {plan.name}: {tail} ({how})", highlight=False, soft_wrap=True
         )
+
+
+class DistillProgress(FitProgress):
+    """Distillation progress: one bar over all steps with the loss, one line per validation."""
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(
+                f"distil (validation cosine {info['metric_before']:.4f})",
+                total=info["total"],
+                completed=info["done"],
+                mse="—",
+                rate="—",
+            )
+
+    def on_step(self, s: Any) -> None:
+        if self.progress is not None and self.task is not None:
+            where = f"block {s.block}" if s.block is not None else "end to end"
+            self.progress.update(
+                self.task, completed=s.done, mse=f"{s.loss:.3e} ({where})", rate=f"{s.step / max(s.seconds, 1e-9):.1f}"
+            )
+
+    def on_eval(self, e: Any) -> None:
+        if self.progress is not None:
+            self.progress.console.print(
+                f"distil: validation cosine {e.metric:.4f} after {e.done} steps (best {e.best:.4f})", highlight=False
+            )
 
 
 def plan_table(plans: list[LayerPlan], config: CompressConfig) -> Table:
@@ -173,6 +202,12 @@ def compress_command(
         Path | None, typer.Option(help="Held-out text for --eval (default: the builtin held-out sentences).")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="With --eval: quality against kept fraction as a PNG.")] = None,
+    distill: Annotated[
+        str | None,
+        typer.Option(
+            help="After compressing, distil the model against the original on the calibration text: STEPS or auto."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be compressed; write nothing.")] = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Reload the output and check it against the source.")
@@ -200,6 +235,9 @@ def compress_command(
         fit=FitConfig(steps=steps, batch=batch, seed=seed, device=device),
         calibration=calibration,
     )
+    dconfig = DistillConfig(steps=distill, seed=seed) if distill is not None else None
+    if dconfig is not None and (calibration is None or calibration.endswith(".safetensors")):
+        raise SparsefitError("--distill trains on calibration text: add --calibration builtin (or a text file/folder)")
     check_json_target(json_out)
     check_plot_target(plot)
     if plot is not None and not evaluate:
@@ -244,6 +282,15 @@ def compress_command(
                     f"[yellow]interrupted:[/] finished layers are in {output}; rerun the same command to resume"
                 )
                 raise typer.Exit(130) from None
+        if dconfig is not None and rank == 0:
+            with DistillProgress("distil", quiet=quiet or json_out == "-") as dprogress:
+                dreport = distill_folder(source, output, dconfig, [dprogress])
+            report.distill = dreport.to_dict()
+            if dreport.interrupted:
+                err_console.print(
+                    f"[yellow]interrupted:[/] the best distilled state is in {output}; rerun the same command to resume"
+                )
+                raise typer.Exit(130)
         checks = verify_compressed(output, source, seed=seed) if verify and rank == 0 else None
         evaluation = None
         if evaluate and rank == 0:

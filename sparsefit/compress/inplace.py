@@ -13,6 +13,7 @@ Example
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import TensorEntry
+from ..distill import DistillConfig
+from ..distill import distill as run_distill
 from ..errors import SparsefitError
 from ..fitting import _emit
 from .budget import EFFECT_SAMPLES, keep_budgets
@@ -50,6 +53,7 @@ def compress_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     calibration: Mapping[str, LayerStats] | Iterable[Any] | None = None,
     callbacks: Sequence[Any] = (),
+    distill: DistillConfig | int | str | None = None,
 ) -> CompressReport:
     """Replace the selected linear layers of ``model`` (in place) by fitted :class:`~sparsefit.SparseLinear`
     modules in each layer's dtype and device; returns the report (``output`` None).
@@ -60,7 +64,10 @@ def compress_(
     an iterable of model inputs (each passed as ``model(**b)``, ``model(*b)`` or ``model(b)``, one
     unpadded sample each, e.g. :func:`~sparsefit.compress.tokenizer_batches`), or None (then
     ``config.calibration`` if it names a recorded-activations file, else no calibration).
-    callbacks: as for :func:`~sparsefit.compress_checkpoint`.
+    callbacks: as for :func:`~sparsefit.compress_checkpoint`, plus those of :func:`sparsefit.distill.distill`.
+    distill: after the swap, distil the model against a copy of the original on the calibration
+    inputs (:class:`~sparsefit.distill.DistillConfig`, or its ``steps``: a number or ``"auto"``);
+    needs ``calibration`` as model inputs. The report's ``distill`` holds the outcome.
     """
     if not config.has_rule:
         raise SparsefitError("give depth, target_error or keep (the depth rule for every layer)")
@@ -75,6 +82,14 @@ def compress_(
     transposed = frozenset(f"{n}.weight" for n, m in candidates.items() if is_conv1d(m))
     plans = select_layers(entries, config, transposed, frozenset(e.name for e in entries))
     plans_modules = {p.name: candidates[p.module] for p in plans}
+    dcfg = distill if isinstance(distill, DistillConfig) or distill is None else DistillConfig(steps=distill)
+    teacher = None
+    if dcfg is not None:
+        if calibration is None or isinstance(calibration, Mapping):
+            raise SparsefitError(
+                "distill= trains on calibration inputs: pass calibration=tokenizer_batches(tok, samples)"
+            )
+        teacher = copy.deepcopy(model)
     if calibration is not None and not isinstance(calibration, Mapping):
         calibration = list(calibration)  # used twice: statistics, then the effects of the budget
     stats = _stats(model, plans_modules, calibration, config)
@@ -103,6 +118,10 @@ def compress_(
     total = sum(p.numel() for p in model.parameters())
     total += sum(r.params_before - r.params_after for r in records)  # the count before compression
     report = CompressReport(type(model).__name__, None, records, total, config=config.to_dict())
+    if dcfg is not None:
+        assert teacher is not None and calibration is not None
+        with torch.enable_grad():
+            report.distill = run_distill(teacher, model, calibration, dcfg, callbacks=callbacks).to_dict()
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -43,6 +43,7 @@ class CompressReport:
     skipped: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    distill: dict[str, Any] | None = None
 
     @property
     def params_saved(self) -> int:
@@ -82,6 +83,7 @@ class CompressReport:
             "layers": [r.to_dict() if run else r.to_file_dict() for r in self.layers],
             "dense_files": self.dense_files,
             "copied": self.copied,
+            **({"distill": self.distill} if self.distill is not None else {}),
         }
         if run:
             d.update(resumed_layers=self.skipped, seconds=self.seconds)

@@ -1,0 +1,792 @@
+"""Distillation after compression: train a compressed model to reproduce the original's hidden states.
+
+Replacing a model's linears by structured approximations (G~, low rank, …) changes what it
+computes. :func:`distill` gives the behaviour back by training the structured parameters (and
+optionally biases and norms) of the *student* (the compressed model) against the *teacher* (the
+original) on calibration text, in two stages:
+
+1. **layer by layer**: each transformer block of the student, fed the teacher's input to that
+   block, is trained to produce the teacher's output of that block (relative masked MSE). Blocks
+   are independent here, so errors do not pile up while they are being fixed.
+2. **end to end**: the whole student is trained on the teacher's last hidden state (relative
+   masked MSE), its mean-pooled embedding (1 − cosine) and, with a smaller weight, every
+   intermediate block output.
+
+Padding never counts: every loss and pool is masked by the batch's ``attention_mask``. The
+teacher's activations are cached in memory up to ``cache_mb`` and computed on the fly beyond.
+
+A small validation split carved from the *calibration* samples measures the mean cosine of the
+student's mean-pooled embeddings to the teacher's; the student ends with the parameters that
+scored best on it (the starting point counts, so distillation never makes that metric worse).
+Held-out evaluation text must not be passed here: this function trains on everything it is given
+except its own validation split.
+
+Behaviour users rely on: progress through callbacks (``on_start(info)``, ``on_step(DistillStep)``,
+``on_eval(DistillEval)``, ``on_end(DistillReport)``); Ctrl-C stops cleanly and keeps the best state
+so far (``report.interrupted``); with ``state_path`` a checkpoint is written atomically every
+``checkpoint_every`` steps and at each stage's end, and a later call with the same settings resumes
+from it (the result is the same bytes as an uninterrupted run); the same seed gives the same bytes
+(fixed data order, no dropout: both models run in eval mode).
+
+Example
+-------
+>>> batches = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")  # doctest: +SKIP
+>>> report = distill(teacher, student, dict(batches), DistillConfig(steps="auto"))              # doctest: +SKIP
+>>> report.metric_before, report.metric_after                                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import VersionedConfig
+from .errors import SparsefitError
+
+DISTILL_CONFIG_VERSION = 1
+STATE_FORMAT = "sparsefit.distill-state"
+STATE_VERSION = 1
+
+#: The ``auto`` schedule: steps per block in stage 1, steps in stage 2, and the batch settings it
+#: was tuned with (all-MiniLM-L6-v2, 36 encoder linears at keep 0.5/0.25, 2 CPU cores; see
+#: ``docs/compress.md``).
+AUTO_SCHEDULE = {"layer_steps": 150, "steps": 600}
+
+
+@dataclass(frozen=True)
+class DistillConfig(VersionedConfig):
+    """How to distil.
+
+    steps: steps of the end-to-end stage, or ``"auto"`` (:data:`AUTO_SCHEDULE`).
+    layer_steps: steps per transformer block in the layer-wise stage (``None``: the auto value
+    when ``steps="auto"``, else ``steps // 4``; ``0`` skips the stage).
+    lr: Adam step size *relative to each parameter tensor's RMS at the start* (so factors of any
+    scale move at the same rate); cosine decay to zero over each stage after a short warm-up.
+    batch: calibration samples per step (batches group samples of similar length).
+    max_length: token cap used when the text is tokenised for distillation (see :func:`tokenize`).
+    train_biases: also train the biases inside the blocks; train_norms: also their LayerNorms.
+    Structured factors (every parameter of a replaced layer except its bias) always train.
+    seed: data order; the same seed gives the same bytes.
+    cache_mb: memory for cached teacher activations (MiB); batches beyond it are run through the
+    teacher on the fly.
+    val_fraction / val_max: the validation split carved from the calibration samples.
+    eval_every / checkpoint_every: end-to-end steps between validations / state files.
+    pooled_weight / intermediate_weight: weights of the pooled-embedding cosine and of the
+    intermediate block outputs in the end-to-end loss (the last hidden state has weight 1).
+    blocks: dotted name of the module list holding the transformer blocks (``None``: detected).
+    """
+
+    steps: int | str = "auto"
+    layer_steps: int | None = None
+    lr: float = 0.01
+    batch: int = 32
+    max_length: int = 64
+    train_biases: bool = True
+    train_norms: bool = True
+    seed: int = 0
+    cache_mb: float = 1024.0
+    val_fraction: float = 0.05
+    val_max: int = 64
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    pooled_weight: float = 1.0
+    intermediate_weight: float = 0.5
+    blocks: str | None = None
+
+    KIND: ClassVar[str] = "distillation config"
+    VERSION: ClassVar[int] = DISTILL_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, str):
+            if self.steps.strip().lower() == "auto":
+                object.__setattr__(self, "steps", "auto")
+            elif self.steps.strip().isdigit():
+                object.__setattr__(self, "steps", int(self.steps))
+            else:
+                raise SparsefitError(f"distillation steps must be a positive integer or 'auto', got {self.steps!r}")
+        if isinstance(self.steps, bool) or (not isinstance(self.steps, int) and self.steps != "auto"):
+            raise SparsefitError(f"distillation steps must be a positive integer or 'auto', got {self.steps!r}")
+        if isinstance(self.steps, int) and self.steps < 0:
+            raise SparsefitError(f"distillation steps must be >= 0, got {self.steps}")
+        _check_int("layer steps", self.layer_steps, 0, allow_none=True)
+        _check_int("batch", self.batch, 1)
+        _check_int("max length", self.max_length, 2)
+        _check_int("seed", self.seed, 0)
+        _check_int("validation samples (val_max)", self.val_max, 1)
+        _check_int("eval_every", self.eval_every, 1)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
+        for name, v, lo in (
+            ("learning rate", self.lr, 0.0),
+            ("cache budget (MiB)", self.cache_mb, -1.0),
+            ("pooled weight", self.pooled_weight, -1.0),
+            ("intermediate weight", self.intermediate_weight, -1.0),
+        ):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > lo:
+                raise SparsefitError(f"{name} must be a finite number {'> 0' if lo == 0 else '>= 0'}, got {v!r}")
+        if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
+            raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
+
+    def resolved(self) -> DistillConfig:
+        """The same config with ``steps`` and ``layer_steps`` made concrete."""
+        if self.steps == "auto":
+            layer = AUTO_SCHEDULE["layer_steps"] if self.layer_steps is None else self.layer_steps
+            return dataclasses.replace(self, steps=AUTO_SCHEDULE["steps"], layer_steps=layer)
+        if self.layer_steps is None:
+            return dataclasses.replace(self, layer_steps=int(self.steps) // 4)
+        return self
+
+
+def _check_int(name: str, v: Any, lo: int, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise SparsefitError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistillStep:
+    """What ``on_step`` receives. ``stage`` is ``"layer"`` (then ``block`` is set) or ``"e2e"``;
+    ``done``/``total`` count steps over the whole run."""
+
+    stage: str
+    block: int | None
+    step: int
+    steps: int
+    done: int
+    total: int
+    loss: float
+    lr: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DistillEval:
+    """What ``on_eval`` receives: the validation metric (mean cosine of the pooled embeddings)."""
+
+    stage: str
+    block: int | None
+    done: int
+    metric: float
+    best: float
+
+
+@dataclass
+class DistillReport:
+    """The outcome. ``metric_*`` is the validation mean cosine (calibration split) of the student's
+    mean-pooled embeddings to the teacher's; ``metric_after`` is the best seen, which the student keeps."""
+
+    config: dict[str, Any]
+    metric_before: float
+    metric_after: float
+    best_at: int
+    steps_done: int
+    steps_total: int
+    seconds: float
+    interrupted: bool
+    resumed: bool
+    train_samples: int
+    val_samples: int
+    trainable_params: int
+    trained_modules: int
+    cached_batches: int
+    batches: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def tokenize(tokenizer: Any, texts: Sequence[str], config: DistillConfig) -> dict[str, torch.Tensor]:
+    """``texts`` tokenised for :func:`distill`: ``{input_ids, attention_mask, …}: (N, T)`` with
+    ``T <= config.max_length`` (right padding)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")
+    return {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
+
+
+def _as_samples(calibration: Any) -> dict[str, torch.Tensor]:
+    """One ``(N, T)`` dict from a dict or a list of batch dicts (right-padded with zeros to a common T)."""
+    parts = [calibration] if isinstance(calibration, Mapping) else list(calibration)
+    if not parts:
+        raise SparsefitError("no calibration samples to distil on")
+    keys = list(parts[0].keys())
+    if "attention_mask" not in keys:
+        raise SparsefitError("calibration batches need an 'attention_mask' (tokenise with padding=True)")
+    for p in parts:
+        if list(p.keys()) != keys:
+            raise SparsefitError("all calibration batches must have the same keys")
+        for k in keys:
+            if not isinstance(p[k], torch.Tensor) or p[k].dim() != 2 or p[k].shape != p["attention_mask"].shape:
+                raise SparsefitError(f"calibration tensor {k!r} must be (samples, tokens) like the attention mask")
+    width = max(int(p["attention_mask"].shape[1]) for p in parts)
+    out = {}
+    for k in keys:
+        out[k] = torch.cat([nn.functional.pad(p[k], (0, width - p[k].shape[1])) for p in parts]).cpu()
+    lengths = out["attention_mask"].sum(1)
+    if int(lengths.min()) < 1:
+        raise SparsefitError("a calibration sample has no tokens (its attention mask is all zero)")
+    return out
+
+
+def split_samples(n: int, config: DistillConfig) -> tuple[list[int], list[int]]:
+    """``(train, validation)`` sample indices: a seeded shuffle, the validation part first."""
+    n_val = min(config.val_max, max(1, round(n * config.val_fraction)))
+    if n - n_val < 1:
+        raise SparsefitError(f"need at least 2 calibration samples to distil (one is kept for validation), got {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def make_batches(indices: Sequence[int], lengths: torch.Tensor, batch: int) -> list[list[int]]:
+    """Consecutive chunks of ``indices`` sorted by token length (little padding per batch)."""
+    order = sorted(indices, key=lambda i: (int(lengths[i]), i))
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
+def _gather(samples: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
+    rows = torch.tensor(idx)
+    width = int(samples["attention_mask"][rows].sum(1).max())
+    return {k: v[rows, :width].contiguous() for k, v in samples.items()}
+
+
+def batch_order(n_batches: int, seed: int, stage: int, epoch: int) -> list[int]:
+    """The order of the training batches in one epoch of one stage (a pure function: resumable)."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(n_batches, generator=g).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model structure
+# ----------------------------------------------------------------------------------------------
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The module list of transformer blocks: ``path`` or the largest ``nn.ModuleList`` of one module type."""
+    if path is not None:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            raise SparsefitError(f"the model has no module {path!r} (blocks=)") from None
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            raise SparsefitError(f"{path!r} is not a non-empty nn.ModuleList of blocks")
+        return path, mod
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            size = sum(p.numel() for p in mod.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, mod)
+    if best is None:
+        raise SparsefitError(
+            "cannot find the model's transformer blocks; name them with blocks= (e.g. 'encoder.layer')"
+        )
+    return best[1], best[2]
+
+
+def replaced_modules(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Names of the teacher's ``nn.Linear`` modules that the student holds as another module type."""
+    out = []
+    smods = dict(student.named_modules())
+    for name, mod in teacher.named_modules():
+        if isinstance(mod, nn.Linear) and name in smods and type(smods[name]) is not type(mod):
+            out.append(name)
+    return out
+
+
+def trainable_parameters(
+    teacher: nn.Module, student: nn.Module, config: DistillConfig, blocks_path: str
+) -> dict[str, nn.Parameter]:
+    """The student's parameters :func:`distill` trains, by name (see :class:`DistillConfig`)."""
+    replaced = replaced_modules(teacher, student)
+    if not replaced:
+        raise SparsefitError(
+            "the student has no replaced layers to train (every teacher nn.Linear is still an nn.Linear)"
+        )
+    chosen: dict[str, nn.Parameter] = {}
+    for name in replaced:
+        for pname, p in student.get_submodule(name).named_parameters():
+            if pname.rsplit(".", 1)[-1] != "bias" or config.train_biases:
+                chosen[f"{name}.{pname}"] = p
+    prefix = blocks_path + "." if blocks_path else ""
+    for mname, mod in student.named_modules():
+        if not mname.startswith(prefix):
+            continue
+        is_norm = isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(mod).__name__.lower()
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}"
+            if (is_norm and config.train_norms) or (not is_norm and pname == "bias" and config.train_biases):
+                chosen.setdefault(full, p)
+    for n, p in chosen.items():
+        if not p.is_floating_point():
+            raise SparsefitError(f"parameter {n!r} is not floating point and cannot be trained")
+    return dict(sorted(chosen.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Call:
+    """How a block was called: everything but the hidden state, and where the hidden state goes."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_kw: bool
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_kw:
+            out = block(*self.args, **{**self.kwargs, "hidden_states": hidden})
+        else:
+            out = block(hidden, *self.args, **self.kwargs)
+        return _first(out)
+
+
+def _first(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out[0]
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+@dataclass
+class _Teacher:
+    """The teacher's activations on one batch: block inputs/outputs ``hidden[0..L]``, the calls, the
+    model's output (``final``; the last block's output unless a final norm follows) and its pool."""
+
+    hidden: list[torch.Tensor]
+    calls: list[_Call]
+    final: torch.Tensor
+    pooled: torch.Tensor
+
+    def nbytes(self) -> int:
+        seen: dict[int, int] = {}
+
+        def visit(x: Any) -> None:
+            if isinstance(x, torch.Tensor):
+                seen[x.data_ptr()] = x.numel() * x.element_size()
+            elif isinstance(x, (tuple, list)):
+                for v in x:
+                    visit(v)
+            elif isinstance(x, dict):
+                for v in x.values():
+                    visit(v)
+
+        visit(self.hidden)
+        visit(self.final)
+        for c in self.calls:
+            visit(c.args)
+            visit(c.kwargs)
+        visit(self.pooled)
+        return sum(seen.values())
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention-masked mean over tokens: ``(B, T, H), (B, T) -> (B, H)``."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def _run_teacher(teacher: nn.Module, blocks: nn.ModuleList, batch: dict[str, torch.Tensor]) -> _Teacher:
+    calls: list[_Call | None] = [None] * len(blocks)
+    hidden: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+    handles = []
+
+    def pre(i: int):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if args:
+                calls[i] = _Call(_detach(tuple(args[1:])), _detach(dict(kwargs)), False)
+                hidden[i] = args[0].detach()
+            else:
+                kw = dict(kwargs)
+                hidden[i] = kw.pop("hidden_states").detach()
+                calls[i] = _Call((), _detach(kw), True)
+
+        return hook
+
+    def post(i: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden[i + 1] = _first(output).detach()
+
+        return hook
+
+    for i, b in enumerate(blocks):
+        handles.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(b.register_forward_hook(post(i)))
+    try:
+        out = _first(teacher(**batch))
+    finally:
+        for h in handles:
+            h.remove()
+    if any(c is None for c in calls):
+        raise SparsefitError(
+            "not every transformer block ran in the teacher's forward pass; name the blocks with blocks="
+        )
+    return _Teacher(
+        [h for h in hidden if h is not None],
+        [c for c in calls if c is not None],
+        out.detach(),
+        pool(out, batch["attention_mask"]).detach(),
+    )
+
+
+def _rel_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_valid ||s − t||² / sum_valid ||t||²`` over the tokens the mask keeps."""
+    m = mask.to(s.dtype).unsqueeze(-1)
+    return ((s - t).square() * m).sum() / (t.square() * m).sum().clamp(min=1e-12)
+
+
+def _cosine_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 1.0 - nn.functional.cosine_similarity(s, t, dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# State files
+# ----------------------------------------------------------------------------------------------
+def _fingerprint(config: DistillConfig, params: dict[str, nn.Parameter], samples: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(repr(sorted(config.to_dict().items())).encode())
+    for n, p in params.items():
+        h.update(f"{n}:{tuple(p.shape)}:{p.dtype}".encode())
+    for k in sorted(samples):
+        h.update(k.encode())
+        h.update(samples[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    from .fileformat import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a foreign or damaged file: start afresh (it is overwritten atomically later)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
+        return None
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The verb
+# ----------------------------------------------------------------------------------------------
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    calibration: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+    config: DistillConfig | None = None,
+    *,
+    state_path: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Any] = (),
+) -> DistillReport:
+    """Train ``student`` in place to reproduce ``teacher``'s hidden states on ``calibration``.
+
+    teacher: the original model (left untouched). student: the same architecture with some
+    ``nn.Linear`` modules replaced (by :class:`~sparsefit.SparseLinear`, low-rank modules, …; the
+    replaced ones are found by comparing module types). Both are called as ``model(**batch)`` and
+    must return the last hidden state first (``last_hidden_state`` or ``output[0]``).
+    calibration: tokenised text, ``{input_ids, attention_mask, …}: (N, T)`` (right padding), or a
+    list of such batches. Never pass held-out evaluation text.
+    state_path: a checkpoint file to write (atomically) and to resume from when its settings match.
+    Returns a :class:`DistillReport`; the student ends with the best parameters on the validation split.
+    """
+    config = (config or DistillConfig()).resolved()
+    if teacher is student:
+        raise SparsefitError("teacher and student are the same module; distil a compressed copy")
+    samples = _as_samples(calibration)
+    lengths = samples["attention_mask"].sum(1)
+    n = int(lengths.shape[0])
+    train_idx, val_idx = split_samples(n, config)
+    train_batches = make_batches(train_idx, lengths, config.batch)
+    val_batches = make_batches(val_idx, lengths, config.batch)
+    blocks_path, t_blocks = find_blocks(teacher, config.blocks)
+    s_blocks = student.get_submodule(blocks_path) if blocks_path else student
+    if not isinstance(s_blocks, nn.ModuleList) or len(s_blocks) != len(t_blocks):
+        raise SparsefitError(f"student and teacher differ in their blocks {blocks_path!r}")
+    params = trainable_parameters(teacher, student, config, blocks_path)
+    prefix = f"{blocks_path}." if blocks_path else ""
+    by_block: list[list[str]] = [[] for _ in s_blocks]
+    for name in params:
+        if name.startswith(prefix):
+            i = name[len(prefix) :].split(".", 1)[0]
+            if i.isdigit() and int(i) < len(by_block):
+                by_block[int(i)].append(name)
+    layer_blocks = [i for i, names in enumerate(by_block) if names] if config.layer_steps else []
+    stages: list[tuple[str, int | None, int]] = [("layer", i, int(config.layer_steps or 0)) for i in layer_blocks]
+    if int(config.steps) > 0:
+        stages.append(("e2e", None, int(config.steps)))
+    total = sum(s[2] for s in stages)
+    device = next(iter(params.values())).device
+
+    was_training = (teacher.training, student.training)
+    grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    teacher.eval()
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    # step sizes relative to each tensor's starting RMS (floored so zero-initialised biases move)
+    scales = {n: max(float(p.detach().double().square().mean().sqrt()), 1e-3) for n, p in params.items()}
+
+    def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in b.items()}
+
+    train_data = [to_dev(_gather(samples, b)) for b in train_batches]
+    cache: dict[int, _Teacher] = {}
+    budget = config.cache_mb * 2**20
+    used = 0
+
+    def teacher_for(bi: int) -> _Teacher:
+        nonlocal used
+        if bi in cache:
+            return cache[bi]
+        t = _run_teacher(teacher, t_blocks, train_data[bi])
+        size = t.nbytes()
+        if used + size <= budget:
+            cache[bi] = t
+            used += size
+        return t
+
+    val_data = [to_dev(_gather(samples, b)) for b in val_batches]
+    with torch.no_grad():
+        val_ref = [pool(_first(teacher(**b)), b["attention_mask"]) for b in val_data]
+
+    @torch.no_grad()
+    def validate() -> float:
+        cos = [
+            nn.functional.cosine_similarity(pool(_first(student(**b)), b["attention_mask"]), r, dim=-1)
+            for b, r in zip(val_data, val_ref, strict=True)
+        ]
+        return float(torch.cat(cos).double().mean())
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    def restore(state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
+    spath = Path(state_path) if state_path is not None else None
+    fp = _fingerprint(config, params, samples)
+    state = _load_state(spath, fp) if spath is not None else None
+    resumed = state is not None
+    if state is not None:
+        restore(state["params"])
+        stage_i, step_i = int(state["stage"]), int(state["step"])
+        best, best_metric, best_at = state["best"], float(state["best_metric"]), int(state["best_at"])
+        metric_before, history = float(state["metric_before"]), list(state["history"])
+        opt_state = state["optimizer"]
+        elapsed0 = float(state["seconds"])
+    else:
+        stage_i = step_i = 0
+        metric_before = validate()
+        best, best_metric, best_at, history = snapshot(), metric_before, 0, []
+        opt_state = None
+        elapsed0 = 0.0
+
+    def done_before(si: int) -> int:
+        return sum(s[2] for s in stages[:si])
+
+    info = {
+        "stages": [(s[0], s[1], s[2]) for s in stages],
+        "total": total,
+        "train_samples": len(train_idx),
+        "val_samples": len(val_idx),
+        "trainable_params": sum(p.numel() for p in params.values()),
+        "metric_before": metric_before,
+        "resumed": resumed,
+        "done": done_before(stage_i) + step_i,
+        "config": config.to_dict(),
+    }
+    _emit(callbacks, "on_start", info)
+    t0 = time.perf_counter()
+    interrupted = False
+
+    def checkpoint(si: int, step: int, opt: torch.optim.Optimizer | None) -> None:
+        if spath is None:
+            return
+        _save_state(
+            spath,
+            {
+                "format": STATE_FORMAT,
+                "format_version": STATE_VERSION,
+                "fingerprint": fp,
+                "stage": si,
+                "step": step,
+                "params": snapshot(),
+                "optimizer": opt.state_dict() if opt is not None else None,
+                "best": best,
+                "best_metric": best_metric,
+                "best_at": best_at,
+                "metric_before": metric_before,
+                "history": history,
+                "seconds": elapsed0 + time.perf_counter() - t0,
+            },
+        )
+
+    def consider(stage: str, block: int | None, done: int) -> None:
+        nonlocal best, best_metric, best_at
+        metric = validate()
+        if metric > best_metric:
+            best, best_metric, best_at = snapshot(), metric, done
+        history.append({"stage": stage, "block": block, "done": done, "metric": metric})
+        _emit(callbacks, "on_eval", DistillEval(stage, block, done, metric, best_metric))
+
+    try:
+        while stage_i < len(stages):
+            kind, block, n_steps = stages[stage_i]
+            names = by_block[block] if kind == "layer" else list(params)
+            opt = torch.optim.Adam(
+                [{"params": [params[n]], "lr": config.lr * scales[n], "base": config.lr * scales[n]} for n in names],
+                betas=(0.9, 0.999),
+                eps=1e-10,
+            )
+            if opt_state is not None:
+                opt.load_state_dict(opt_state)
+                opt_state = None
+            warm = max(1, min(50, n_steps // 10))
+            while step_i < n_steps:
+                epoch, pos = divmod(step_i, len(train_batches))
+                bi = batch_order(len(train_batches), config.seed, stage_i, epoch)[pos]
+                t = teacher_for(bi)
+                batch = train_data[bi]
+                frac = (
+                    (step_i + 1) / warm
+                    if step_i < warm
+                    else 0.5 * (1 + math.cos(math.pi * (step_i - warm) / max(1, n_steps - warm)))
+                )
+                for g in opt.param_groups:
+                    g["lr"] = g["base"] * frac
+                if kind == "layer":
+                    assert block is not None
+                    out = t.calls[block](s_blocks[block], t.hidden[block])
+                    loss = _rel_mse(out, t.hidden[block + 1], batch["attention_mask"])
+                else:
+                    loss = _e2e_loss(student, s_blocks, batch, t, config)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step_i += 1
+                loss_value = float(loss.detach())
+                done = done_before(stage_i) + step_i
+                _emit(
+                    callbacks,
+                    "on_step",
+                    DistillStep(
+                        kind,
+                        block,
+                        step_i,
+                        n_steps,
+                        done,
+                        total,
+                        loss_value,
+                        config.lr * frac,
+                        elapsed0 + time.perf_counter() - t0,
+                    ),
+                )
+                if kind == "e2e" and step_i % config.eval_every == 0 and step_i < n_steps:
+                    consider(kind, block, done)
+                if step_i % config.checkpoint_every == 0 and step_i < n_steps:
+                    checkpoint(stage_i, step_i, opt)
+            consider(kind, block, done_before(stage_i) + n_steps)
+            stage_i, step_i = stage_i + 1, 0
+            checkpoint(stage_i, 0, None)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        restore(best)
+        for n, p in student.named_parameters():
+            p.requires_grad_(grad_flags[n])
+        teacher.train(was_training[0])
+        student.train(was_training[1])
+
+    report = DistillReport(
+        config=config.to_dict(),
+        metric_before=metric_before,
+        metric_after=best_metric,
+        best_at=best_at,
+        steps_done=done_before(stage_i) + step_i if stage_i < len(stages) else total,
+        steps_total=total,
+        seconds=elapsed0 + time.perf_counter() - t0,
+        interrupted=interrupted,
+        resumed=resumed,
+        train_samples=len(train_idx),
+        val_samples=len(val_idx),
+        trainable_params=sum(p.numel() for p in params.values()),
+        trained_modules=len(replaced_modules(teacher, student)),
+        cached_batches=len(cache),
+        batches=len(train_batches),
+        history=history,
+    )
+    _emit(callbacks, "on_end", report)
+    return report
+
+
+def _e2e_loss(
+    student: nn.Module, s_blocks: nn.ModuleList, batch: dict[str, torch.Tensor], t: _Teacher, config: DistillConfig
+) -> torch.Tensor:
+    outs: list[torch.Tensor | None] = [None] * len(s_blocks)
+    handles = []
+
+    def post(i: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            outs[i] = _first(output)
+
+        return hook
+
+    for i, b in enumerate(s_blocks):
+        handles.append(b.register_forward_hook(post(i)))
+    try:
+        last = _first(student(**batch))
+    finally:
+        for h in handles:
+            h.remove()
+    mask = batch["attention_mask"]
+    loss = _rel_mse(last, t.final, mask)
+    if config.pooled_weight > 0:
+        loss = loss + config.pooled_weight * _cosine_loss(pool(last, mask), t.pooled)
+    if config.intermediate_weight > 0 and len(s_blocks) > 1:
+        inter = [_rel_mse(o, t.hidden[i + 1], mask) for i, o in enumerate(outs[:-1]) if o is not None]
+        loss = loss + config.intermediate_weight * torch.stack(inter).mean()
+    return loss
+
+
+def _emit(callbacks: Sequence[Any], name: str, *args: Any) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, name, None)
+        if fn is not None:
+            fn(*args)

@@ -1,0 +1,334 @@
+"""Distillation after compression (sparsefit.distill) on a tiny random BERT built offline."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from sparsefit import SparsefitError, SparseLinear
+from sparsefit.distill import DistillConfig, distill, make_batches, pool, split_samples
+from sparsefit.operator import GTilde
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 120
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is 10x faster than two when the machine is busy (no spinning)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+class LowRank(nn.Module):
+    """``y = B (A x) + bias``: the test's stand-in for a low-rank structure."""
+
+    def __init__(self, lin: nn.Linear, rank: int) -> None:
+        super().__init__()
+        u, s, vh = torch.linalg.svd(lin.weight.detach().double(), full_matrices=False)
+        self.a = nn.Parameter((s[:rank, None].sqrt() * vh[:rank]).float())
+        self.b = nn.Parameter((u[:, :rank] * s[:rank].sqrt()).float())
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.a.t()) @ self.b.t() + self.bias
+
+
+def tiny_bert() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        attn_implementation="eager",
+    )
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def compressed(teacher: nn.Module, sparse: bool = False) -> nn.Module:
+    student = copy.deepcopy(teacher)
+    for i in range(2):
+        att = student.encoder.layer[i].attention.self
+        att.query = LowRank(att.query, 4)
+        ffn = student.encoder.layer[i].intermediate
+        ffn.dense = LowRank(ffn.dense, 6)
+    if sparse:
+        out = student.encoder.layer[1].output
+        lin = out.dense
+        op = GTilde(lin.in_features, lin.out_features, depth=4, seed=0)
+        out.dense = SparseLinear(op, lin.bias, backend="torch")
+    return student
+
+
+def calibration(n: int = 40, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Samples with distinct first tokens (sample i starts with token i + 2) and ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    width = 12
+    ids = torch.randint(60, VOCAB, (n, width), generator=g)
+    ids[:, 0] = torch.arange(n) + 2
+    lengths = torch.randint(3, width + 1, (n,), generator=g)
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+CFG = DistillConfig(steps=30, layer_steps=20, batch=8, lr=0.02, eval_every=10, checkpoint_every=10, val_fraction=0.2)
+
+
+def state_bytes(model: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def hidden_loss(teacher: nn.Module, student: nn.Module, data: dict[str, torch.Tensor]) -> float:
+    t = teacher(**data).last_hidden_state
+    s = student(**data).last_hidden_state
+    m = data["attention_mask"].unsqueeze(-1).float()
+    return float(((s - t).square() * m).sum() / (t.square() * m).sum())
+
+
+def test_distillation_reduces_hidden_state_loss_and_keeps_teacher():
+    teacher = tiny_bert()
+    student = compressed(teacher, sparse=True)
+    data = calibration()
+    teacher_bytes = state_bytes(teacher)
+    before = hidden_loss(teacher, student, data)
+    blocks_before = student.encoder.layer[1].output.dense.operator.blocks.detach().clone()
+    frozen_before = student.embeddings.word_embeddings.weight.detach().clone()
+    steps = []
+    report = distill(
+        teacher, student, data, CFG, callbacks=[type("CB", (), {"on_step": lambda s, x: steps.append(x)})()]
+    )
+    after = hidden_loss(teacher, student, data)
+    assert after < 0.5 * before, (before, after)
+    assert report.metric_after > report.metric_before
+    assert report.steps_done == report.steps_total == 2 * 20 + 30 == len(steps)
+    assert [s.stage for s in steps] == ["layer"] * 40 + ["e2e"] * 30
+    assert report.trained_modules == 5 and not report.interrupted
+    # the G~ layer's blocks trained, the embeddings stayed frozen, the teacher is untouched
+    assert not torch.equal(student.encoder.layer[1].output.dense.operator.blocks, blocks_before)
+    assert torch.equal(student.embeddings.word_embeddings.weight, frozen_before)
+    assert state_bytes(teacher) == teacher_bytes
+    assert all(p.requires_grad for p in student.parameters())  # flags restored
+
+
+def test_same_seed_same_bytes_cache_or_not():
+    teacher = tiny_bert()
+    data = calibration()
+    a, b, c = compressed(teacher), compressed(teacher), compressed(teacher)
+    distill(teacher, a, data, CFG)
+    distill(teacher, b, data, CFG)
+    distill(teacher, c, data, dataclasses.replace(CFG, cache_mb=0))
+    assert state_bytes(a) == state_bytes(b) == state_bytes(c)
+    d = compressed(teacher)
+    distill(teacher, d, data, dataclasses.replace(CFG, seed=5))
+    assert state_bytes(d) != state_bytes(a)
+
+
+class StopAt:
+    def __init__(self, done: int) -> None:
+        self.done = done
+
+    def on_step(self, s) -> None:
+        if s.done == self.done:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    teacher = tiny_bert()
+    data = calibration()
+    ref = compressed(teacher)
+    full = distill(teacher, ref, data, CFG, state_path=tmp_path / "a.pt")
+    assert (tmp_path / "a.pt").is_file() and not full.resumed
+    # stopped inside the end-to-end stage (after its step 17; last checkpoint at its step 10) ...
+    student = compressed(teacher)
+    cut = distill(teacher, student, data, CFG, state_path=tmp_path / "b.pt", callbacks=[StopAt(57)])
+    assert cut.interrupted and cut.steps_done == 57
+    # ... and resumed from the checkpoint: the same bytes as the uninterrupted run
+    again = distill(teacher, student, data, CFG, state_path=tmp_path / "b.pt")
+    assert again.resumed and not again.interrupted
+    assert state_bytes(student) == state_bytes(ref)
+    assert again.history == full.history and again.metric_after == full.metric_after
+    # a finished state file resumes to the same result at once; other settings start afresh
+    fresh = compressed(teacher)
+    done = distill(teacher, fresh, data, CFG, state_path=tmp_path / "a.pt", callbacks=[StopAt(1)])
+    assert done.resumed and not done.interrupted and state_bytes(fresh) == state_bytes(ref)
+    other = distill(teacher, compressed(teacher), data, dataclasses.replace(CFG, seed=3), state_path=tmp_path / "a.pt")
+    assert not other.resumed
+    assert not list(tmp_path.glob("*.part"))
+
+
+@torch.no_grad()
+def validation_metric(teacher, student, data, cfg) -> float:
+    n = data["attention_mask"].shape[0]
+    _, val = split_samples(n, cfg)
+    rows = torch.tensor(val)
+    b = {k: v[rows] for k, v in data.items()}
+    t = pool(teacher(**b).last_hidden_state, b["attention_mask"])
+    s = pool(student(**b).last_hidden_state, b["attention_mask"])
+    return float(nn.functional.cosine_similarity(s, t, dim=-1).double().mean())
+
+
+def test_ctrl_c_keeps_the_best_state():
+    teacher = tiny_bert()
+    data = calibration()
+    student = compressed(teacher)
+    report = distill(teacher, student, data, CFG, callbacks=[StopAt(55)])
+    assert report.interrupted and report.steps_done == 55
+    metrics = [report.metric_before] + [h["metric"] for h in report.history]
+    assert len(report.history) == 3  # after block 0, block 1, and e2e step 10
+    assert report.metric_after == max(metrics) > report.metric_before
+    assert validation_metric(teacher, student, data, CFG) == pytest.approx(report.metric_after, abs=1e-5)
+
+
+def test_training_sees_only_the_training_split():
+    teacher = tiny_bert()
+    data = calibration()
+    student = compressed(teacher)
+    n = data["attention_mask"].shape[0]
+    train, val = split_samples(n, CFG)
+    assert set(train).isdisjoint(val) and sorted(train + val) == list(range(n)) and len(val) == 8
+    batches = make_batches(train, data["attention_mask"].sum(1), CFG.batch)
+    assert sorted(i for b in batches for i in b) == train
+    trained_on, scored_on = set(), set()
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        (trained_on if torch.is_grad_enabled() else scored_on).update((ids[:, 0] - 2).tolist())
+
+    student.embeddings.register_forward_pre_hook(record, with_kwargs=True)
+    distill(teacher, student, data, CFG)
+    assert trained_on == set(train)  # every training sample, and nothing else, is trained on
+    assert scored_on == set(val)  # the student is only scored (no gradients) on the validation split
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"steps": -1},
+        {"steps": "many"},
+        {"steps": 2.5},
+        {"layer_steps": -3},
+        {"lr": 0.0},
+        {"lr": float("nan")},
+        {"batch": 0},
+        {"max_length": 1},
+        {"seed": -1},
+        {"cache_mb": -5},
+        {"val_fraction": 0.0},
+        {"val_fraction": 0.7},
+        {"eval_every": 0},
+        {"pooled_weight": -1.0},
+    ],
+    ids=lambda d: next(iter(d)),
+)
+def test_bad_config_values(bad):
+    with pytest.raises(SparsefitError):
+        DistillConfig(**bad)
+
+
+def test_config_round_trip_and_auto():
+    cfg = DistillConfig(steps="auto", lr=0.003)
+    assert DistillConfig.from_dict(cfg.to_dict()) == cfg
+    r = cfg.resolved()
+    assert isinstance(r.steps, int) and r.steps > 0 and r.layer_steps > 0
+    assert DistillConfig(steps="40").resolved().layer_steps == 10
+    with pytest.raises(SparsefitError, match="unknown"):
+        DistillConfig.from_dict({"stepz": 3})
+    with pytest.raises(SparsefitError, match="version"):
+        DistillConfig.from_dict({**cfg.to_dict(), "version": 99})
+
+
+def test_bad_inputs():
+    teacher = tiny_bert()
+    data = calibration()
+    with pytest.raises(SparsefitError, match="no replaced layers"):
+        distill(teacher, copy.deepcopy(teacher), data, CFG)
+    with pytest.raises(SparsefitError, match="same module"):
+        distill(teacher, teacher, data, CFG)
+    with pytest.raises(SparsefitError, match="attention_mask"):
+        distill(teacher, compressed(teacher), {"input_ids": data["input_ids"]}, CFG)
+    with pytest.raises(SparsefitError, match="no module"):
+        distill(teacher, compressed(teacher), data, dataclasses.replace(CFG, blocks="encoder.nope"))
+    one = {k: v[:1] for k, v in data.items()}
+    with pytest.raises(SparsefitError, match="at least 2"):
+        distill(teacher, compressed(teacher), one, CFG)
+
+
+# ---- integration: compress_(distill=) and sparsefit compress --distill --------------------------
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    from tests.hf_tiny import tiny_bert as tiny_bert_folder
+
+    return tiny_bert_folder(tmp_path_factory.mktemp("bert") / "model")
+
+
+def test_compress_in_memory_with_distill(bert_folder):
+    from sparsefit.compress import CompressConfig, builtin_sentences, compress_, tokenizer_batches
+    from sparsefit.compress.hf import load_model
+    from sparsefit.config import FitConfig
+
+    cfg = CompressConfig(keep=0.5, fit=FitConfig(steps=20, batch=16, seed=0))
+    models = []
+    for d in (None, DistillConfig(steps=20, layer_steps=10, batch=16)):
+        model, tok, _ = load_model(bert_folder)
+        report = compress_(model, cfg, calibration=tokenizer_batches(tok, builtin_sentences()[:200]), distill=d)
+        models.append((model, report))
+    (plain, r0), (distilled, r1) = models
+    assert r0.distill is None and "distill" not in r0.to_dict()
+    assert r1.distill["steps_done"] == 2 * 10 + 20 and r1.distill["train_samples"] + r1.distill["val_samples"] == 200
+    assert r1.distill["metric_after"] >= r1.distill["metric_before"]
+    assert r1.to_dict()["distill"] == r1.distill
+    assert state_bytes(plain) != state_bytes(distilled)
+    with pytest.raises(SparsefitError, match="calibration"):
+        compress_(load_model(bert_folder)[0], cfg, distill="auto")
+
+
+def test_cli_compress_distill_writes_the_distilled_model(bert_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsefit.cli import app
+    from sparsefit.compress import builtin_sentences, load_compressed
+    from sparsefit.compress.hf import empty_model, load_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(builtin_sentences()[:120]) + "\n")
+    runner = CliRunner()
+    base = ["compress", str(bert_folder), "--keep", "0.25", "--calibration", str(text), "--steps", "20"]
+    base += ["--batch", "16", "--quiet"]
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "b"), "--json", str(tmp_path / "b.json"), "--distill", "40"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "b.json").read_text())["distill"]
+    assert d["steps_total"] == 40 + 10 * 2 and d["config"]["steps"] == 40 and d["metric_after"] > d["metric_before"]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["distill"]["metric_after"] == d["metric_after"]
+    assert (tmp_path / "b" / "distill-state.pt").is_file()
+    # the folder reloads as the distilled model: closer to the original than the undistilled one
+    teacher, tok, _ = load_model(bert_folder)
+    data = dict(tok(builtin_sentences("heldout")[:40], padding=True, return_tensors="pt"))
+    losses = []
+    for name in "ab":
+        model = empty_model(tmp_path / name)
+        load_compressed(model, tmp_path / name)
+        losses.append(hidden_loss(teacher.eval(), model.eval(), data))
+    assert losses[1] < losses[0], losses
+    r = runner.invoke(app, ["compress", str(bert_folder), "-o", str(tmp_path / "d"), "--keep", "0.5", "--distill", "5"])
+    assert r.exit_code == 2 and "calibration" in r.output
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "e"), "--distill", "lots"])
+    assert r.exit_code == 2 and "auto" in r.output
