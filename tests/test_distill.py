@@ -280,9 +280,9 @@ def test_compress_in_memory_with_distill(bert_folder):
     from sparsefit.compress.hf import load_model
     from sparsefit.config import FitConfig
 
-    cfg = CompressConfig(keep=0.5, fit=FitConfig(steps=20, batch=16, seed=0))
+    cfg = CompressConfig(keep=0.25, fit=FitConfig(steps=20, batch=16, seed=0))
     models = []
-    for d in (None, DistillConfig(steps=20, layer_steps=10, batch=16)):
+    for d in (None, DistillConfig(steps=20, layer_steps=10, batch=16, lr=0.03)):
         model, tok, _ = load_model(bert_folder)
         report = compress_(model, cfg, calibration=tokenizer_batches(tok, builtin_sentences()[:200]), distill=d)
         models.append((model, report))
@@ -291,7 +291,10 @@ def test_compress_in_memory_with_distill(bert_folder):
     assert r1.distill["steps_done"] == 2 * 10 + 20 and r1.distill["train_samples"] + r1.distill["val_samples"] == 200
     assert r1.distill["metric_after"] >= r1.distill["metric_before"]
     assert r1.to_dict()["distill"] == r1.distill
-    assert state_bytes(plain) != state_bytes(distilled)
+    assert len(r1.distill["history"]) == 3  # after block 0, block 1, and the end-to-end stage
+    # the tiny random model starts near cosine 1: the best state may be the start, and then nothing changed
+    unchanged = r1.distill["metric_after"] == r1.distill["metric_before"]
+    assert (state_bytes(plain) == state_bytes(distilled)) == unchanged
     with pytest.raises(SparsefitError, match="calibration"):
         compress_(load_model(bert_folder)[0], cfg, distill="auto")
 
