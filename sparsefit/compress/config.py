@@ -100,7 +100,9 @@ class CompressConfig(VersionedConfig):
         object.__setattr__(self, "structures", tuple(self.structures))
         bad = [x for x in self.structures if x not in STRUCTURES]
         if bad or not self.structures:
-            raise SparsefitError(f"unknown structure {bad[0] if bad else '(none)'}; choose from {', '.join(STRUCTURES)}")
+            raise SparsefitError(
+                f"unknown structure {bad[0] if bad else '(none)'}; choose from {', '.join(STRUCTURES)}"
+            )
         if self.candidate_steps < 1:
             raise SparsefitError(f"candidate steps must be at least 1, got {self.candidate_steps}")
         if isinstance(self.fit, dict):

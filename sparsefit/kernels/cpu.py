@@ -38,7 +38,7 @@ import torch
 from .reference import gtilde_reference
 
 #: Probes per chunk (SIMD lanes of the inner loops).
-LANES = 16
+LANES = 32
 #: Number of gradient accumulators; fixed so that results do not depend on the thread count.
 GROUPS = 8
 
