@@ -247,7 +247,13 @@ def test_gpt2_conv1d_layers_compress_and_load(gpt2, tmp_path, small_text):
     r = runner.invoke(app, ["eval", str(gpt2), str(tmp_path / "o"), "--heldout", str(held), "--json", "-"])
     assert r.exit_code == 0, r.output
     ev = json.loads(r.stdout)
-    assert ev["task"] == "causal" and set(ev["methods"]) == {"sparsefit", "svd", "svd_whitened"}
+    assert ev["task"] == "causal" and set(ev["methods"]) == {
+        "sparsefit",
+        "svd",
+        "svd_whitened",
+        "svd_uniform",
+        "svd_whitened_uniform",
+    }
     assert all(m["perplexity"] > 1 for m in ev["methods"].values())
 
 
@@ -262,11 +268,13 @@ def test_compress_keep_builtin_eval_json(bert, tmp_path):
     assert len(d["layers"]) == 12 and all(layer["structure"] in ("lowrank", "dense") for layer in d["layers"])
     assert all(layer["data_relative_error"] is not None for layer in d["layers"])
     methods = d["eval"]["methods"]
-    assert {"sparsefit", "svd", "svd_whitened"} <= set(methods)
+    assert {"sparsefit", "svd", "svd_whitened", "svd_uniform", "svd_whitened_uniform"} <= set(methods)
     for m in methods.values():
         assert {"cosine_mean", "cosine_min", "spearman", "neighbors_at10", "kept_fraction"} <= set(m)
         assert -1 <= m["cosine_min"] <= m["cosine_mean"] <= 1 and 0 <= m["neighbors_at10"] <= 1
     assert methods["svd"]["kept_fraction"] <= d["kept_fraction"]  # same per-layer budgets, rounded down to a rank
+    # one uniform ratio at the same total budget, rounded down to a rank per layer
+    assert d["kept_fraction"] - 0.1 < methods["svd_whitened_uniform"]["kept_fraction"] <= d["kept_fraction"]
     assert d["eval"]["sentences"] == 300
     stats = load_file(str(out / "calibration.safetensors"))
     q = stats["encoder.layer.0.attention.self.query.weight.gram"]

@@ -169,7 +169,12 @@ def evaluate_methods(
     stats: Callable[[str], LayerStats] | None,
     baselines: Sequence[str] = BASELINES,
 ) -> dict[str, Any]:
-    """``{"task", "sentences", "kept_fraction", "methods": {"sparsefit": metrics, "svd": …, "svd_whitened": …}}``.
+    """``{"task", "sentences", "kept_fraction", "methods": {"sparsefit": metrics, "svd": …, "svd_whitened": …,
+    "svd_uniform": …, "svd_whitened_uniform": …}}``.
+
+    ``svd``/``svd_whitened``: the baselines at the compressed model's per-layer budgets (a layer kept
+    dense stays dense); ``*_uniform``: every selected layer at one ratio, the compressed model's
+    kept fraction ``F`` (rank ``⌊F·m·k/(m+k)⌋``), i.e. what a user would pick at the same total budget.
 
     records: the compressed layers' records (their ``params_after`` set the baselines' ranks);
     modules: weight name → module name in ``evaluator.original``.
@@ -186,6 +191,18 @@ def evaluate_methods(
         kept = sum(ranks[r.name] * (r.shape[0] + r.shape[1]) if r.name in ranks else r.params_after for r in recs)
         methods[b] = {
             **evaluator(baseline_model(evaluator.original, modules, ranks, b, stats)),
+            "kept_fraction": kept / before,
+        }
+    # What a user would pick instead at the same total budget: every selected layer at one ratio.
+    f = out["kept_fraction"]
+    shapes = {r.name: (int(r.shape[0]), int(r.shape[1])) for r in recs}
+    for b in baselines:
+        if b == "svd_whitened" and stats is None:
+            continue
+        uranks = {n: rank_for(int(f * m * k), (m, k)) for n, (m, k) in shapes.items()}
+        kept = sum(uranks[n] * (m + k) for n, (m, k) in shapes.items())
+        methods[f"{b}_uniform"] = {
+            **evaluator(baseline_model(evaluator.original, modules, uranks, b, stats)),
             "kept_fraction": kept / before,
         }
     methods["sparsefit"]["kept_fraction"] = out["kept_fraction"]
