@@ -475,7 +475,9 @@ def fit(
             with torch.no_grad():
                 op.blocks.copy_(before)
     fit_seconds = time.perf_counter() - reporter.t0
-    error = _keep_start_if_better(op, tgt, start_blocks, config.seed, probes) if start_blocks is not None and done else None
+    error = (
+        _keep_start_if_better(op, tgt, start_blocks, config.seed, probes) if start_blocks is not None and done else None
+    )
     metrics = evaluate(
         op,
         tgt,
