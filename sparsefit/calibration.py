@@ -43,6 +43,17 @@ def is_linear(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def run_batch(model: nn.Module, batch: Any) -> None:
+    """Call ``model`` on one calibration batch: a dict of keyword inputs, a tuple of positional
+    inputs, or one tensor."""
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
 def record_activations(
     model: nn.Module,
     batches: Iterable[Any],
@@ -82,12 +93,7 @@ def record_activations(
             raise SparsefitError(f"no nn.Linear module named {missing[0]!r} in the model")
     try:
         for batch in batches:
-            if isinstance(batch, dict):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import is_conv1d
+from ..calibration import is_conv1d, run_batch
 from ..errors import SparsefitError
 
 #: Rows kept per layer in the reservoir sample (the G~ fits draw their probes from them).
@@ -193,15 +193,6 @@ def tokenizer_batches(
         yield dict(tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
 
 
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def module_in_features(module: nn.Module) -> int:
     """Input width of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored ``(in, out)``)."""
     if isinstance(module, nn.Linear):
@@ -255,7 +246,7 @@ def collect_stats(
         for i, batch in enumerate(batches, 1):
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
             keep[0] = mask.reshape(-1).bool() if mask is not None else None
-            _run(model, batch)
+            run_batch(model, batch)
             if on_batch is not None:
                 on_batch(i)
     finally:
