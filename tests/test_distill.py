@@ -214,6 +214,55 @@ def test_training_sees_only_the_training_split():
     assert scored_on == set(val)  # the student is only scored (no gradients) on the validation split
 
 
+def test_augment_replaces_inner_tokens_only_and_is_seeded():
+    from sparsefit.distill import _augment, _inner_tokens
+
+    data = calibration(n=200)
+    pool_ids = _inner_tokens(data)
+    mask = data["attention_mask"].bool()
+    assert pool_ids.numel() == int(mask.sum()) - 2 * mask.shape[0]  # first and last real token left out
+    a = _augment(data, pool_ids, 0.3, (0, 1, 7))
+    b = _augment(data, pool_ids, 0.3, (0, 1, 7))
+    c = _augment(data, pool_ids, 0.3, (0, 1, 8))
+    assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
+    changed = a["input_ids"] != data["input_ids"]
+    last = mask.sum(1) - 1
+    assert not changed[:, 0].any() and not changed[torch.arange(200), last].any() and not changed[~mask].any()
+    inner = mask.clone()
+    inner[:, 0] = False
+    inner[torch.arange(200), last] = False
+    frac = float(changed.sum()) / float(inner.sum())
+    assert 0.15 < frac < 0.35, frac  # about 0.3, less the draws that pick the same token
+    assert set(a["input_ids"][changed].tolist()) <= set(pool_ids.tolist())
+    assert torch.equal(a["attention_mask"], data["attention_mask"])
+
+
+def test_augmented_distillation_resumes_to_the_same_bytes(tmp_path):
+    cfg = dataclasses.replace(CFG, augment=0.25)
+    teacher = tiny_bert()
+    data = calibration()
+    ref, plain = compressed(teacher), compressed(teacher)
+    full = distill(teacher, ref, data, cfg)
+    distill(teacher, plain, data, CFG)
+    assert state_bytes(ref) != state_bytes(plain)  # the augmentation changed what was trained on
+    student = compressed(teacher)
+    cut = distill(teacher, student, data, cfg, state_path=tmp_path / "s.pt", callbacks=[StopAt(63)])
+    assert cut.interrupted
+    again = distill(teacher, student, data, cfg, state_path=tmp_path / "s.pt")
+    assert again.resumed and state_bytes(student) == state_bytes(ref) and again.history == full.history
+
+
+@pytest.mark.parametrize("train_dense", [True, False])
+def test_train_dense_trains_the_kept_dense_linears(train_dense):
+    teacher = tiny_bert()
+    student = compressed(teacher)  # query and intermediate replaced; key, value, output kept dense
+    kept = student.encoder.layer[0].attention.self.key.weight
+    before = kept.detach().clone()
+    distill(teacher, student, calibration(), dataclasses.replace(CFG, train_dense=train_dense))
+    assert torch.equal(kept, before) is not train_dense
+    assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -231,6 +280,8 @@ def test_training_sees_only_the_training_split():
         {"val_fraction": 0.7},
         {"eval_every": 0},
         {"pooled_weight": -1.0},
+        {"augment": 1.0},
+        {"augment": -0.1},
     ],
     ids=lambda d: next(iter(d)),
 )
