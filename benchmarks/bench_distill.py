@@ -1,7 +1,8 @@
 """Distillation after compression on all-MiniLM-L6-v2: quality against kept fraction (issue 10's study).
 
-For each kept fraction F of the 36 encoder linears, on the built-in corpus (calibration and
-distillation on ``builtin_calibration.txt``; quality on the 300 held-out sentences neither sees):
+For each kept fraction F of the 36 encoder linears, on the built-in corpus (statistics on its
+calibration part; distillation on the calibration and ``distill`` parts, as ``--calibration
+builtin`` does; quality on the 300 held-out sentences that neither sees):
 
 * ``svd``: plain truncated SVD, every layer at rank ``floor(F·m·k/(m+k))`` (no distillation: it is
   what users have without calibration data);
@@ -39,6 +40,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sparsefit.compress import CompressConfig, builtin_sentences, collect_stats, compress_, tokenizer_batches
+from sparsefit.compress.calibrate import distillation_samples
 from sparsefit.compress.evaluate import Evaluator, baseline_model, rank_for
 from sparsefit.compress.inplace import linear_layers
 from sparsefit.distill import DistillConfig, distill, tokenize
@@ -128,7 +130,7 @@ def main() -> None:
     shapes = {w: tuple(teacher.get_submodule(n).weight.shape) for w, n in modules.items()}
     stats = collect_stats(teacher, batches, {w: teacher.get_submodule(n) for w, n in modules.items()})
     dcfg = None if args.distill == "none" else DistillConfig(steps=args.distill).resolved()
-    tokens = tokenize(tok, calib, dcfg or DistillConfig())
+    tokens = tokenize(tok, distillation_samples("builtin"), dcfg or DistillConfig())
     include = (ENCODER + r"\.weight",)
 
     rows = []

@@ -74,9 +74,15 @@ def test_builtin_corpus_split_is_fixed_and_disjoint():
     assert len(calib) == 2000 and len(held) == 300
     assert not set(calib) & set(held) and len(set(calib)) == 2000
     assert all(s[0].isupper() and s[-1] in ".!?" for s in calib + held)
+    extra = builtin_sentences("distill")  # distillation's extra text: other packages' docstrings
+    assert len(extra) == len(set(extra)) == 10000 and not set(extra) & (set(calib) | set(held))
+    assert all(s[0].isupper() and s[-1] in ".!?" for s in extra)
+    from sparsefit.compress.calibrate import distillation_samples
+
+    assert distillation_samples("builtin") == calib + extra  # the held-out part is never trained on
     data = Path(sparsefit.__file__).parent / "data"
-    assert sum(f.stat().st_size for f in data.iterdir()) < 1_000_000
-    with pytest.raises(sparsefit.SparsefitError, match="must be 'calibration' or 'heldout'"):
+    assert sum(f.stat().st_size for f in data.iterdir()) < 1_200_000  # the wheel stays small
+    with pytest.raises(sparsefit.SparsefitError, match="must be one of calibration, heldout, distill"):
         builtin_sentences("test")
 
 

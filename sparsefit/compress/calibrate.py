@@ -50,10 +50,17 @@ STATS_FILE = "calibration.safetensors"
 BUILTIN = "builtin"
 
 
+#: The parts of the shipped corpus (``scripts/make_builtin_corpus.py`` says how each was made).
+BUILTIN_PARTS = ("calibration", "heldout", "distill")
+
+
 def builtin_sentences(part: str = "calibration") -> list[str]:
-    """The shipped English corpus: ``"calibration"`` (2,000 sentences) or ``"heldout"`` (300 others)."""
-    if part not in ("calibration", "heldout"):
-        raise SparsefitError(f"builtin corpus part must be 'calibration' or 'heldout', got {part!r}")
+    """The shipped English corpus: ``"calibration"`` (2,000 sentences of the standard library's
+    docstrings), ``"heldout"`` (300 others, which nothing trains or calibrates on) or ``"distill"``
+    (10,000 sentences of other packages' docstrings, disjoint from both: the extra text that
+    distillation trains on when the calibration is ``builtin``)."""
+    if part not in BUILTIN_PARTS:
+        raise SparsefitError(f"builtin corpus part must be one of {', '.join(BUILTIN_PARTS)}; got {part!r}")
     from importlib.resources import files
 
     text = files("sparsefit").joinpath("data", f"builtin_{part}.txt").read_text(encoding="utf-8")
@@ -105,6 +112,15 @@ def is_activation_file(spec: str | os.PathLike[str]) -> bool:
 def calibration_samples(spec: str) -> list[str]:
     """The text samples ``--calibration`` names: ``builtin`` or a file/folder."""
     return builtin_sentences("calibration") if spec == BUILTIN else read_text_samples(spec)
+
+
+def distillation_samples(spec: str) -> list[str]:
+    """The text that distillation trains on for ``--calibration spec``: the calibration text, and
+    for ``builtin`` also the corpus's ``distill`` part (statistics need a few thousand sentences;
+    distillation keeps improving on held-out text with more)."""
+    if spec == BUILTIN:
+        return builtin_sentences("calibration") + builtin_sentences("distill")
+    return read_text_samples(spec)
 
 
 def samples_digest(samples: Sequence[str]) -> str:

@@ -35,7 +35,7 @@ def distill_folder(
     from safetensors import safe_open
 
     from ..fileformat import save_safetensors, save_text
-    from .calibrate import calibration_samples, is_activation_file
+    from .calibrate import distillation_samples, is_activation_file
     from .format import read_layer_header, read_manifest, write_layer
     from .hf import empty_model, load_model
     from .load import _resolver, load_compressed
@@ -49,7 +49,7 @@ def distill_folder(
     teacher, tok, _ = load_model(source)
     student = empty_model(out)
     load_compressed(student, out)
-    tokens = tokenize(tok, calibration_samples(spec), config)
+    tokens = tokenize(tok, distillation_samples(spec), config)
     report = distill(teacher, student, tokens, config, state_path=out / STATE_FILE, callbacks=callbacks)
 
     # write back: replaced layers into their layer files, every other trained tensor into the dense files
