@@ -53,36 +53,37 @@ SENTENCE_END = re.compile(r"(?<=[a-z0-9)][.!?])\s+(?=[A-Z])")
 PROSE = re.compile(r"[A-Z][A-Za-z0-9 ,;'()\-]+[a-z][.!?]")
 
 
+def module_docstrings(name: str) -> list[str]:
+    """Docstrings of module ``name`` and of its public classes, functions and methods (sorted);
+    none when it cannot be imported here (platform-specific or optional modules)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = importlib.import_module(name)
+    except BaseException:  # also import-time SystemExit of broken optional modules
+        return []
+    objs = [mod]
+    for attr in sorted(vars(mod)):
+        if attr.startswith("_"):
+            continue
+        obj = getattr(mod, attr, None)
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
+            objs.append(obj)
+            if inspect.isclass(obj):
+                objs += [vars(obj)[m] for m in sorted(vars(obj)) if not m.startswith("_")]
+    docs = (getattr(obj, "__doc__", None) for obj in objs)
+    return [d for d in docs if isinstance(d, str)]
+
+
 def docstrings() -> list[str]:
-    out = []
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in SKIP:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(name)
-        except Exception:  # platform-specific or optional modules
-            continue
-        objs = [mod]
-        for attr in sorted(vars(mod)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(mod, attr)
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
-                objs.append(obj)
-                if inspect.isclass(obj):
-                    objs += [vars(obj)[m] for m in sorted(vars(obj)) if not m.startswith("_")]
-        for obj in objs:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str):
-                out.append(doc)
-    return out
+    """The standard library's docstrings, modules in sorted order."""
+    names = (n for n in sorted(sys.stdlib_module_names) if not n.startswith("_") and n not in SKIP)
+    return [d for name in names for d in module_docstrings(name)]
 
 
 def package_docstrings(top: str) -> list[str]:
-    """Docstrings of package ``top``, its submodules (no tests, no private modules), their public
-    classes, functions and methods, in sorted module order."""
+    """Docstrings of package ``top`` and its submodules (no tests, no private modules), in sorted
+    module order; none when it is not installed."""
     import pkgutil
 
     try:
@@ -96,28 +97,7 @@ def package_docstrings(top: str) -> list[str]:
         for info in pkgutil.walk_packages(pkg.__path__, top + ".", onerror=lambda _name: None):
             if "test" not in info.name and "._" not in info.name:
                 names.append(info.name)
-    out = []
-    for name in sorted(names):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(name)
-        except BaseException:  # optional dependencies, import-time side effects
-            continue
-        objs = [mod]
-        for attr in sorted(vars(mod)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(mod, attr, None)
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
-                objs.append(obj)
-                if inspect.isclass(obj):
-                    objs += [vars(obj)[m] for m in sorted(vars(obj)) if not m.startswith("_")]
-        for obj in objs:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str):
-                out.append(doc)
-    return out
+    return [d for name in sorted(names) for d in module_docstrings(name)]
 
 
 def sentences(doc: str) -> list[str]:

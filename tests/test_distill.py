@@ -382,6 +382,18 @@ def test_cli_compress_distill_writes_the_distilled_model(bert_folder, tmp_path):
         load_compressed(model, tmp_path / name)
         losses.append(hidden_loss(teacher.eval(), model.eval(), data))
     assert losses[1] < losses[0], losses
+    # the selected layers kept dense trained too (train_dense) and their layer files hold the trained weights
+    from safetensors.torch import load_file
+
+    kept = [rec for rec in manifest["layers"] if rec["status"] == "dense"]
+    assert kept, "the test wants a selected layer that the allocator kept dense"
+    for rec in kept:
+        before = load_file(str(tmp_path / "a" / rec["file"]))[rec["name"]]
+        after = load_file(str(tmp_path / "b" / rec["file"]))[rec["name"]]
+        assert not torch.equal(before, after), rec["name"]
+        model = empty_model(tmp_path / "b")
+        load_compressed(model, tmp_path / "b")
+        assert torch.equal(model.state_dict()[rec["name"]], after)
     r = runner.invoke(app, ["compress", str(bert_folder), "-o", str(tmp_path / "d"), "--keep", "0.5", "--distill", "5"])
     assert r.exit_code == 2 and "calibration" in r.output
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "e"), "--distill", "lots"])

@@ -52,17 +52,35 @@ def distill_folder(
     tokens = tokenize(tok, distillation_samples(spec), config)
     report = distill(teacher, student, tokens, config, state_path=out / STATE_FILE, callbacks=callbacks)
 
-    # write back: replaced layers into their layer files, every other trained tensor into the dense files
+    # write back: replaced layers and the selected layers kept dense into their layer files, every
+    # other trained tensor into the dense files
     state = student.state_dict()
     module_of = _resolver(student, {n for n, _ in student.named_modules()})
     written: set[str] = set()
+    resolve_state = _resolver(student, set(state))
     for rec in man["layers"]:
-        if rec["status"] != "compressed":
-            continue
         path = out / rec["file"] if rec.get("file") else None
         header = read_layer_header(path) if path is not None else None
         if header is None:
             raise SparsefitError(f"{out}: the layer file of {rec['name']} is missing; rerun the compression")
+        if rec["status"] != "compressed":  # a selected layer kept dense: its weight trains too (train_dense)
+            key = resolve_state(rec["name"])
+            assert key is not None  # load_compressed loaded it
+            with safe_open(str(path), framework="pt") as f:
+                stored = f.get_tensor(rec["name"])
+            if not torch.equal(state[key].to(stored.dtype), stored):
+                trained = state[key].detach().to(stored.dtype)
+                write_layer(
+                    path,
+                    rec["name"].removesuffix(".weight"),
+                    header["record"],
+                    None,
+                    trained,
+                    rec["name"],
+                    header["key"],
+                )
+            written.add(key)
+            continue
         module_name = rec["name"].removesuffix(".weight")
         mname = module_of(module_name)
         assert mname is not None  # load_compressed swapped it
