@@ -95,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--backends", default="torch,numba", help="comma list of reference,torch,numba")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--json", default=None, help="write the rows and the settings as JSON")
     ap.add_argument("--split", default=None, help="time a fit step part by part on this target class")
     ap.add_argument("--loss", default="probes", help="with --split: probes or exact")
     ap.add_argument("--backend", default="auto", help="with --split: the fit backend")
@@ -109,6 +110,7 @@ def main(argv=None):
         print("part | median_ms | min_ms")
         for r in rows:
             print(f"{r['part']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}")
+        _write_json(a, rows)
         return 0
     n, N = a.width, a.depth
     m = k = n // 2
@@ -161,7 +163,19 @@ def main(argv=None):
             w = csv.DictWriter(f, fieldnames=hdr)
             w.writeheader()
             w.writerows(rows)
+    _write_json(a, rows)
     return 0
+
+
+def _write_json(a: argparse.Namespace, rows: list[dict]) -> None:
+    if a.json:
+        import json
+        import platform
+
+        from sparsefit.fileformat import save_text
+
+        out = {"settings": vars(a), "threads": torch.get_num_threads(), "machine": platform.processor(), "rows": rows}
+        save_text(a.json, json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

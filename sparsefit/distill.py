@@ -786,16 +786,20 @@ def distill(
     return report
 
 
-def _inner_tokens(samples: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The token ids at every real position but the first and last of each sample (so no
-    ``[CLS]``/``[SEP]``-like marker), the pool :func:`_augment` draws replacements from."""
-    mask = samples["attention_mask"].bool()
+def _inner_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Every real position but the first and last of each sample (no ``[CLS]``/``[SEP]``-like marker)."""
+    mask = attention_mask.bool()
     inner = mask.clone()
     inner[:, 0] = False
-    last = mask.sum(1) - 1
-    inner[torch.arange(mask.shape[0]), last] = False
-    pool = samples["input_ids"][inner]
-    return pool if pool.numel() else samples["input_ids"][mask]
+    inner[torch.arange(mask.shape[0]), mask.sum(1) - 1] = False
+    return inner
+
+
+def _inner_tokens(samples: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The token ids at the inner positions (:func:`_inner_mask`), the pool :func:`_augment`
+    draws replacements from."""
+    pool = samples["input_ids"][_inner_mask(samples["attention_mask"])]
+    return pool if pool.numel() else samples["input_ids"][samples["attention_mask"].bool()]
 
 
 def _augment(
@@ -810,11 +814,7 @@ def _augment(
     seed = (key[0] * 1_000_003 + key[1]) * 1_000_003 + key[2]
     g = torch.Generator().manual_seed(seed % (2**63))
     ids = batch["input_ids"]
-    mask = batch["attention_mask"].bool()
-    inner = mask.clone()
-    inner[:, 0] = False
-    inner[torch.arange(ids.shape[0]), mask.sum(1) - 1] = False
-    hit = (torch.rand(ids.shape, generator=g) < fraction).to(ids.device) & inner
+    hit = (torch.rand(ids.shape, generator=g) < fraction).to(ids.device) & _inner_mask(batch["attention_mask"])
     new = pool[torch.randint(pool.numel(), ids.shape, generator=g)].to(ids.device)
     return {**batch, "input_ids": torch.where(hit, new, ids)}
 

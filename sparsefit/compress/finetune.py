@@ -97,10 +97,9 @@ def distill_folder(
         with safe_open(str(fpath), framework="pt") as f:
             part = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata()
-        resolve = _resolver(student, set(state))
         changed = False
         for name, t in part.items():
-            key = resolve(name)
+            key = resolve_state(name)
             if key is not None and key not in written and not torch.equal(state[key].to(t.dtype), t):
                 part[name] = state[key].detach().to(t.dtype).contiguous()
                 changed = True
