@@ -78,8 +78,8 @@ class DistillConfig(VersionedConfig):
     max_length: token cap used when the text is tokenised for distillation (see :func:`tokenize`).
     train_biases: also train the biases inside the blocks; train_norms: also their LayerNorms;
     train_dense: also the weights of the blocks' linear layers that were kept dense (the parameter
-    count does not change; on all-MiniLM-L6-v2 at ``--keep 0.5`` this is worth as much as four
-    times the end-to-end steps).
+    count does not change; on all-MiniLM-L6-v2 at ``--keep 0.5`` with 600 end-to-end steps it took
+    the held-out cosine from 0.954 to 0.958).
     Structured factors (every parameter of a replaced layer except its bias) always train.
     seed: data order; the same seed gives the same bytes.
     cache_mb: memory for cached teacher activations (MiB); batches beyond it are run through the
