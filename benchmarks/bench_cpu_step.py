@@ -11,6 +11,10 @@ fused numba kernel; all compute the same loss and gradient (checked here before 
 kernel, the regulariser gradient, the optimiser (``--loss exact`` drops the first two):
 
     python benchmarks/bench_cpu_step.py --split sparse3 --depth 40 --batch 1024 [--loss exact]
+
+``--subnormal F`` sets a fraction ``F`` of the block entries to 1e-40 (subnormal in float32), as
+happens near the end of a fit; the numba kernels flush such values to zero
+(``sparsefit/kernels/fpenv.py``), so their time should not move, while the torch paths slow down.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--split", default=None, help="time a fit step part by part on this target class")
     ap.add_argument("--loss", default="probes", help="with --split: probes or exact")
     ap.add_argument("--backend", default="auto", help="with --split: the fit backend")
+    ap.add_argument("--subnormal", type=float, default=0.0, help="fraction of block entries set to 1e-40")
     a = ap.parse_args(argv)
     dt = getattr(torch, a.dtype)
     if a.split:
@@ -116,6 +121,9 @@ def main(argv=None):
     m = k = n // 2
     g = torch.Generator().manual_seed(0)
     blocks = random_orthogonal_blocks(N, n, g, dt)
+    if a.subnormal > 0:
+        hit = torch.rand(blocks.shape, generator=g) < a.subnormal
+        blocks = torch.where(hit, torch.full_like(blocks, 1e-40), blocks)
     perms = sample_permutations(N, n, g)
     inputs = 4  # rotate probe batches so no run sees a warm copy of the previous one's data
     xs = [torch.randn(a.batch, k, generator=g, dtype=dt) for _ in range(inputs)]
@@ -136,6 +144,7 @@ def main(argv=None):
                 depth=N,
                 batch=a.batch,
                 dtype=a.dtype,
+                subnormal=a.subnormal,
                 threads=torch.get_num_threads(),
                 median_ms=med * 1e3,
                 min_ms=best * 1e3,
@@ -149,6 +158,7 @@ def main(argv=None):
         "depth",
         "batch",
         "dtype",
+        "subnormal",
         "threads",
         "median_ms",
         "min_ms",

@@ -46,6 +46,8 @@ try:  # numba is a declared dependency, but the torch path must keep working wit
     import numba
     import numpy as np
 
+    from .fpenv import ftz_enter, ftz_exit
+
     _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only on installs without numba
     _HAVE_NUMBA = False
@@ -136,6 +138,7 @@ if _HAVE_NUMBA:
         scale = 2.0 / (m * batch)
         zero = blocks.dtype.type(0)
         for g in numba.prange(groups):
+            fp_mode = ftz_enter()  # subnormals as zero (kernels/fpenv.py)
             tid = numba.get_thread_id()
             a = act[tid]
             gb = gbuf[tid]
@@ -231,6 +234,7 @@ if _HAVE_NUMBA:
                         acc[j, blk, 1, 1] += s11
                     cur = 1 - cur
             sq[g] = se
+            ftz_exit(fp_mode)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _reduce_groups(gacc, out):  # pragma: no cover - compiled
@@ -250,6 +254,7 @@ if _HAVE_NUMBA:
         # then Adam. d(penalty)/dB = −8·B·(I − BᵀB) / count (see orthogonality_penalty_grad).
         groups, depth, h = gacc.shape[0], gacc.shape[1], gacc.shape[2]
         for j in numba.prange(depth):
+            fp_mode = ftz_enter()
             for blk in range(h):
                 b00 = float(blocks[j, blk, 0, 0])
                 b01 = float(blocks[j, blk, 0, 1])
@@ -279,6 +284,7 @@ if _HAVE_NUMBA:
                         m1[j, blk, r, cc] = ma
                         m2[j, blk, r, cc] = va
                         blocks[j, blk, r, cc] -= lr_c * ma / (np.sqrt(va) / bc2_sqrt + eps)
+            ftz_exit(fp_mode)
 
 
 _WORKSPACE: dict[str, np.ndarray] = {}

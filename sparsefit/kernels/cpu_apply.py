@@ -40,6 +40,8 @@ import numba
 import numpy as np
 import torch
 
+from .fpenv import ftz_enter, ftz_exit
+
 #: Rows per chunk in the chunked kernels. With 16 (one AVX-512 vector) LLVM's vectorised loop
 #: (8 lanes × 4 interleaved) never runs and the scalar remainder does the work: 0.41 ns per
 #: entry and layer against 0.13 ns with 32 (n = 4096, one Zen 4 core; benchmarks/NOTES.md).
@@ -87,15 +89,19 @@ def _row_forward(xr, blocks, perms, yr, u, v):  # pragma: no cover - compiled
 
 @numba.njit(**_JIT)
 def _fwd_rows_serial(x, blocks, perms, y, work):  # pragma: no cover - compiled
+    fp_mode = ftz_enter()  # subnormals as zero while the kernel runs (kernels/fpenv.py)
     for r in range(x.shape[0]):
         _row_forward(x[r], blocks, perms, y[r], work[0, 0], work[0, 1])
+    ftz_exit(fp_mode)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _fwd_rows_parallel(x, blocks, perms, y, work):  # pragma: no cover - compiled
     for r in numba.prange(x.shape[0]):
+        fp_mode = ftz_enter()
         tid = numba.get_thread_id()
         _row_forward(x[r], blocks, perms, y[r], work[tid, 0], work[tid, 1])
+        ftz_exit(fp_mode)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -156,15 +162,19 @@ def _fwd_chunk(x, blocks, perms, y, lanes, ch, src, dst):  # pragma: no cover - 
 # loops fully and then not vectorise them (see kernels/cpu.py).
 @numba.njit(**_JIT)
 def _fwd_chunks_serial(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
+    fp_mode = ftz_enter()
     for ch in range((x.shape[0] + lanes - 1) // lanes):
         _fwd_chunk(x, blocks, perms, y, lanes, ch, work[0, 0], work[0, 1])
+    ftz_exit(fp_mode)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _fwd_chunks_parallel(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
     for ch in numba.prange((x.shape[0] + lanes - 1) // lanes):
+        fp_mode = ftz_enter()
         tid = numba.get_thread_id()
         _fwd_chunk(x, blocks, perms, y, lanes, ch, work[tid, 0], work[tid, 1])
+        ftz_exit(fp_mode)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -301,16 +311,20 @@ def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, 
 @numba.njit(**_JIT)
 def _bwd_serial(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
+    fp_mode = ftz_enter()
     for g in range(groups):
         _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[0], gbuf[0], gacc[g])
+    ftz_exit(fp_mode)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _bwd_parallel(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
     for g in numba.prange(groups):
+        fp_mode = ftz_enter()
         tid = numba.get_thread_id()
         _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[tid], gbuf[tid], gacc[g])
+        ftz_exit(fp_mode)
 
 
 @numba.njit(**_JIT)
