@@ -40,6 +40,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         backend=args.backend,
         device=args.device,
         polish=args.polish,
+        sampler=args.permutations,
     )
     t0 = time.perf_counter()
     r = sparsefit.fit(a, config)
@@ -53,6 +54,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         "schedule": schedule,
         "loss": loss,
         "polish": args.polish,
+        "permutations": args.permutations,
         "seed": seed,
         "steps": args.steps,
         "batch": args.batch,
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schedules", default="paper", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     ap.add_argument("--losses", default="probes", help="comma-separated: probes, exact")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--permutations", default="uniform", help="permutation sampler (uniform, butterfly, ...)")
     ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
