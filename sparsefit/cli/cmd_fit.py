@@ -16,6 +16,8 @@ from ..targets import load_target
 from .app import app, err_console, user_errors
 from .report import FitProgress, check_json_target, emit_json, fmt, key_value_table
 
+_DEFAULTS = FitConfig()  # the CLI's defaults are the library's
+
 
 def default_output(matrix: Path) -> Path:
     return matrix.with_name(matrix.stem + ".gtilde.safetensors")
@@ -106,7 +108,7 @@ def fit_command(
         typer.Option(
             help=f"Learning-rate/regulariser schedule: {', '.join(SCHEDULES)} (paper = the note's three phases)."
         ),
-    ] = "paper",
+    ] = _DEFAULTS.schedule,
     seed: Annotated[int, typer.Option(help="Seeds permutations, initialisation and probes.")] = 0,
     permutations: Annotated[
         str,
@@ -116,7 +118,7 @@ def fit_command(
             help="Permutation sampler: uniform (random, the note's) or butterfly (perfect shuffles; exact "
             "Walsh–Hadamard/butterfly products at width 2^L, depth L).",
         ),
-    ] = "uniform",
+    ] = _DEFAULTS.sampler,
     init: Annotated[
         str,
         typer.Option(
@@ -127,9 +129,9 @@ def fit_command(
     loss: Annotated[
         str,
         typer.Option(
-            help=f"Training loss: {', '.join(LOSSES)} (exact: the whole ||G~ − A||² each step, for targets with few columns)."
+            help=f"Training loss: {', '.join(LOSSES)} (exact: the whole ||G~ − A||² each step; auto: exact for targets with at most --batch columns, else probes)."
         ),
-    ] = "probes",
+    ] = _DEFAULTS.loss,
     target_error: Annotated[
         float | None,
         typer.Option(
