@@ -64,6 +64,7 @@ _JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True, "boundscheck": Fals
 @numba.njit(inline="always", **_JIT)
 def _row_forward(xr, blocks, perms, yr, u, v):  # pragma: no cover - compiled
     """One row, vectorised along the width: ``u``, ``v`` are scratch vectors of length n."""
+    fp_mode = ftz_enter()  # subnormals as zero in every kernel body (kernels/fpenv.py)
     k = xr.shape[0]
     depth, n = perms.shape
     h = n // 2
@@ -85,23 +86,20 @@ def _row_forward(xr, blocks, perms, yr, u, v):  # pragma: no cover - compiled
         src, dst = dst, src
     for i in range(m):
         yr[i] = src[i]
+    ftz_exit(fp_mode)
 
 
 @numba.njit(**_JIT)
 def _fwd_rows_serial(x, blocks, perms, y, work):  # pragma: no cover - compiled
-    fp_mode = ftz_enter()  # subnormals as zero while the kernel runs (kernels/fpenv.py)
     for r in range(x.shape[0]):
         _row_forward(x[r], blocks, perms, y[r], work[0, 0], work[0, 1])
-    ftz_exit(fp_mode)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _fwd_rows_parallel(x, blocks, perms, y, work):  # pragma: no cover - compiled
     for r in numba.prange(x.shape[0]):
-        fp_mode = ftz_enter()
         tid = numba.get_thread_id()
         _row_forward(x[r], blocks, perms, y[r], work[tid, 0], work[tid, 1])
-        ftz_exit(fp_mode)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -143,6 +141,7 @@ def _layer_lanes(src, dst, p, w, lanes):  # pragma: no cover - compiled
 @numba.njit(inline="always", **_JIT)
 def _fwd_chunk(x, blocks, perms, y, lanes, ch, src, dst):  # pragma: no cover - compiled
     """Rows ``ch·lanes ...`` of ``x`` through every layer, ``src``/``dst``: ``(n, lanes)`` scratch."""
+    fp_mode = ftz_enter()
     batch = x.shape[0]
     depth = perms.shape[0]
     m = y.shape[1]
@@ -156,25 +155,22 @@ def _fwd_chunk(x, blocks, perms, y, lanes, ch, src, dst):  # pragma: no cover - 
         yr = y[b0 + lane]
         for i in range(m):
             yr[i] = src[i, lane]
+    ftz_exit(fp_mode)
 
 
 # ``lanes`` is a runtime value on purpose: a compile-time trip count makes LLVM unroll the lane
 # loops fully and then not vectorise them (see kernels/cpu.py).
 @numba.njit(**_JIT)
 def _fwd_chunks_serial(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
-    fp_mode = ftz_enter()
     for ch in range((x.shape[0] + lanes - 1) // lanes):
         _fwd_chunk(x, blocks, perms, y, lanes, ch, work[0, 0], work[0, 1])
-    ftz_exit(fp_mode)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _fwd_chunks_parallel(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
     for ch in numba.prange((x.shape[0] + lanes - 1) // lanes):
-        fp_mode = ftz_enter()
         tid = numba.get_thread_id()
         _fwd_chunk(x, blocks, perms, y, lanes, ch, work[tid, 0], work[tid, 1])
-        ftz_exit(fp_mode)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -270,6 +266,7 @@ def _grad_layer_input(gout, gin, p, w, lanes):  # pragma: no cover - compiled
 def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, a, gb, acc):  # pragma: no cover
     """Group ``g``'s chunks: recompute each chunk's forward (keeping every layer's state in
     ``a``), then the reverse pass; the block gradient accumulates into ``acc``."""
+    fp_mode = ftz_enter()
     batch = gy.shape[0]
     k = x.shape[1]
     depth = perms.shape[0]
@@ -306,25 +303,22 @@ def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, 
                 gr = gx[b0 + lane]
                 for i in range(k):
                     gr[i] = g0[i, lane]
+    ftz_exit(fp_mode)
 
 
 @numba.njit(**_JIT)
 def _bwd_serial(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
-    fp_mode = ftz_enter()
     for g in range(groups):
         _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[0], gbuf[0], gacc[g])
-    ftz_exit(fp_mode)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _bwd_parallel(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
     for g in numba.prange(groups):
-        fp_mode = ftz_enter()
         tid = numba.get_thread_id()
         _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[tid], gbuf[tid], gacc[g])
-        ftz_exit(fp_mode)
 
 
 @numba.njit(**_JIT)
