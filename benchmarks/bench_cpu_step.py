@@ -105,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto", help="with --split: the fit backend")
     ap.add_argument("--subnormal", type=float, default=0.0, help="fraction of block entries set to 1e-40")
     a = ap.parse_args(argv)
+    if not 0 <= a.subnormal <= 1:
+        ap.error(f"--subnormal is a fraction in [0, 1], got {a.subnormal}")
     dt = getattr(torch, a.dtype)
     if a.split:
         rows = split_step(a, dt)

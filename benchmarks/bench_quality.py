@@ -22,6 +22,7 @@ import time
 
 import sparsefit
 from sparsefit.config import SCHEDULES
+from sparsefit.permutations import SAMPLERS
 
 TARGETS = {"perm": ("perm", 1), "sparse3": ("sparse", 3), "band3": ("band", 3), "lowrank3": ("lowrank", 3)}
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schedules", default="paper", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     ap.add_argument("--losses", default="probes", help="comma-separated: probes, exact")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--permutations", default="uniform", help="permutation sampler (uniform, butterfly, ...)")
+    ap.add_argument("--permutations", default="uniform", choices=sorted(SAMPLERS), help="permutation sampler")
     ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
