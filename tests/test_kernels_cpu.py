@@ -55,6 +55,33 @@ def test_numba_step_float32_close_to_float64_reference(k, m, n, depth, batch):
     assert rel_err(grad, grad_ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_checkpoint_segments_give_the_same_bytes(dtype):
+    # every segment length (1 = keep every layer, up to one segment of all 7 layers, uneven
+    # last segments included) recomputes exactly the activations it would have kept
+    x, t, blocks, perms = _problem(30, 17, 66, 7, 37, dtype)
+    runs = []
+    for seglen in (1, 2, 3, 5, 7):
+        sq, gacc = cpu._run_kernel(x, t, blocks, perms, 17, seglen=seglen)
+        runs.append((sq, gacc.copy()))
+    for sq, gacc in runs[1:]:
+        assert sq == runs[0][0] and (gacc == runs[0][1]).all()
+    if dtype == torch.float64:
+        mse_ref, grad_ref = fit_step_reference(x, t, blocks, perms, 17)
+        grad = torch.from_numpy(runs[3][1].sum(0))
+        assert abs(runs[3][0] / (17 * 37) - float(mse_ref)) <= 1e-12 * float(mse_ref)
+        assert rel_err(grad, grad_ref) < 1e-12
+
+
+def test_segment_length_keeps_the_working_set_in_cache():
+    assert cpu.segment_length(6, 100, 8) == 1  # everything fits: no recomputation
+    s32, s64 = cpu.segment_length(40, 2048, 4), cpu.segment_length(40, 2048, 8)
+    layer = 2048 * cpu.LANES
+    assert 2 <= s64 < s32 < 40
+    assert s32 * layer * 4 <= cpu.SEGMENT_BYTES and s64 * layer * 8 <= cpu.SEGMENT_BYTES
+    assert cpu.segment_length(3, 10**6, 8) == 2  # never below 2 (1 would keep every layer)
+
+
 def test_numba_step_independent_of_thread_count():
     import numba
 

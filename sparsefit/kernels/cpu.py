@@ -17,8 +17,12 @@ memory):
 * the batch is cut into chunks of :data:`LANES` probes, stored feature-major
   (``act[layer, feature, lane]``), so each 2×2 mix is a short SIMD loop over lanes and a
   permutation gathers whole lane rows;
-* a chunk's forward keeps every layer's activations (``(N + 1)·n·LANES`` values, a few MB at
-  n = 2048) for the backward pass, which follows immediately while they are still in cache;
+* a chunk's backward follows its forward immediately, on activations kept per thread: every
+  layer's when they fit in :data:`SEGMENT_BYTES` (about one core's L2), else only the input of
+  each segment of :func:`segment_length` layers, the backward recomputing a segment's inner
+  activations (bit for bit the same) just before it walks back through it — one more forward's
+  arithmetic for a working set that stays in cache (``(N + 1)·n·LANES`` values are 10.5 MB at
+  n = 2048, N = 40);
 * the backward pass scatters the input gradient through the permutation (a bijection, so no
   write conflicts) and reduces the block gradient over the chunk's lanes;
 * chunks are spread over a fixed number of groups (not threads), each accumulating its own
@@ -41,6 +45,13 @@ from .reference import gtilde_reference
 LANES = 32
 #: Number of gradient accumulators; fixed so that results do not depend on the thread count.
 GROUPS = 8
+#: Activation memory per thread that a chunk's forward may keep (about one core's L2 cache).
+#: Deeper or wider operators are run in checkpoint segments: the forward keeps each segment's
+#: input only and the backward recomputes the segment (one more forward's arithmetic) while its
+#: activations stay in cache. At width 2048, depth 40, batch 1024 on a 2-core Xeon (2 MB L2,
+#: shared L3) this took the kernel from 122-146 ms to 48-66 ms when the host was busy
+#: (``benchmarks/NOTES.md``); storing all 41 layers (10.5 MB a thread) made it memory-bound.
+SEGMENT_BYTES = 2 * 2**20
 
 try:  # numba is a declared dependency, but the torch path must keep working without it.
     import numba
@@ -125,11 +136,74 @@ if _HAVE_NUMBA:
     # still produces NaN/Inf that the caller detects.
     _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
+    @numba.njit(fastmath=_FASTMATH, cache=True, inline="always", nogil=True)
+    def _mix(src, dst, p, w, h, lanes):  # pragma: no cover - compiled
+        # one layer forward for a chunk: dst[2b + r] = sum_c w[b, r, c] * src[p[2b + c]]
+        for blk in range(h):
+            s0 = src[p[2 * blk]]
+            s1 = src[p[2 * blk + 1]]
+            d0 = dst[2 * blk]
+            d1 = dst[2 * blk + 1]
+            w00 = w[blk, 0, 0]
+            w01 = w[blk, 0, 1]
+            w10 = w[blk, 1, 0]
+            w11 = w[blk, 1, 1]
+            for lane in range(lanes):
+                u0 = s0[lane]
+                u1 = s1[lane]
+                d0[lane] = w00 * u0 + w01 * u1
+                d1[lane] = w10 * u0 + w11 * u1
+
+    @numba.njit(fastmath=_FASTMATH, cache=True, inline="always", nogil=True)
+    def _unmix(src, gout, gin, p, w, h, lanes, need_in, acc_j):  # pragma: no cover - compiled
+        # one layer backward for a chunk: block gradients reduced over the lanes into acc_j, and
+        # (need_in) the input gradient scattered through the permutation (a bijection: no conflicts)
+        zero = src.dtype.type(0)
+        for blk in range(h):
+            i0 = p[2 * blk]
+            i1 = p[2 * blk + 1]
+            s0 = src[i0]
+            s1 = src[i1]
+            e0r = gout[2 * blk]
+            e1r = gout[2 * blk + 1]
+            s00 = zero
+            s01 = zero
+            s10 = zero
+            s11 = zero
+            for lane in range(lanes):
+                u0 = s0[lane]
+                u1 = s1[lane]
+                e0 = e0r[lane]
+                e1 = e1r[lane]
+                s00 += e0 * u0
+                s01 += e0 * u1
+                s10 += e1 * u0
+                s11 += e1 * u1
+            if need_in:
+                w00 = w[blk, 0, 0]
+                w01 = w[blk, 0, 1]
+                w10 = w[blk, 1, 0]
+                w11 = w[blk, 1, 1]
+                d0 = gin[i0]
+                d1 = gin[i1]
+                for lane in range(lanes):
+                    e0 = e0r[lane]
+                    e1 = e1r[lane]
+                    d0[lane] = w00 * e0 + w10 * e1
+                    d1[lane] = w01 * e0 + w11 * e1
+            acc_j[blk, 0, 0] += s00
+            acc_j[blk, 0, 1] += s01
+            acc_j[blk, 1, 0] += s10
+            acc_j[blk, 1, 1] += s11
+
     @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-    def _fit_step_kernel(x, t, blocks, perms, m, lanes, act, gbuf, gacc, sq):  # pragma: no cover - compiled
+    def _fit_step_kernel(x, t, blocks, perms, m, lanes, seglen, cp, seg, gbuf, gacc, sq):  # pragma: no cover
         # ``lanes`` is a runtime argument on purpose: with a compile-time trip count LLVM fully
         # unrolls the lane loops and then fails to vectorise them (may-alias row views); with a
         # runtime one the loop vectoriser emits AVX code with alias checks (6x faster backward).
+        # Layers run in segments of ``seglen``: the forward keeps only each segment's input
+        # (cp[s]) and the output (cp[nseg]); the backward recomputes a segment's inner
+        # activations into ``seg`` just before it needs them (see SEGMENT_BYTES).
         batch, k = x.shape
         depth, n = perms.shape
         h = n // 2
@@ -137,10 +211,12 @@ if _HAVE_NUMBA:
         groups = gacc.shape[0]
         scale = 2.0 / (m * batch)
         zero = blocks.dtype.type(0)
+        nseg = (depth + seglen - 1) // seglen
         for g in numba.prange(groups):
             fp_mode = ftz_enter()  # subnormals as zero (kernels/fpenv.py)
             tid = numba.get_thread_id()
-            a = act[tid]
+            c = cp[tid]
+            sb = seg[tid]
             gb = gbuf[tid]
             acc = gacc[g]
             acc[:] = 0.0
@@ -151,34 +227,22 @@ if _HAVE_NUMBA:
                 b0 = ch * lanes
                 nl = min(lanes, batch - b0)
                 # input, zero-padded to the width and to full lanes
-                a0 = a[0]
+                a0 = c[0]
                 a0[:, :] = zero
                 for lane in range(nl):
                     xr = x[b0 + lane]
                     for i in range(k):
                         a0[i, lane] = xr[i]
-                # forward, keeping every layer's activations
-                for j in range(depth):
-                    src = a[j]
-                    dst = a[j + 1]
-                    p = perms[j]
-                    w = blocks[j]
-                    for blk in range(h):
-                        s0 = src[p[2 * blk]]
-                        s1 = src[p[2 * blk + 1]]
-                        d0 = dst[2 * blk]
-                        d1 = dst[2 * blk + 1]
-                        w00 = w[blk, 0, 0]
-                        w01 = w[blk, 0, 1]
-                        w10 = w[blk, 1, 0]
-                        w11 = w[blk, 1, 1]
-                        for lane in range(lanes):
-                            u0 = s0[lane]
-                            u1 = s1[lane]
-                            d0[lane] = w00 * u0 + w01 * u1
-                            d1[lane] = w10 * u0 + w11 * u1
+                # forward, keeping the segments' inputs (inner layers ping-pong in seg[0], seg[1])
+                for s in range(nseg):
+                    j0 = s * seglen
+                    j1 = min(depth, j0 + seglen)
+                    for j in range(j0, j1):
+                        src = c[s] if j == j0 else sb[(j - j0 - 1) % 2]
+                        dst = c[s + 1] if j == j1 - 1 else sb[(j - j0) % 2]
+                        _mix(src, dst, perms[j], blocks[j], h, lanes)
                 # loss and its gradient at the output (rows >= m are sliced off: gradient 0)
-                out = a[depth]
+                out = c[nseg]
                 g0 = gb[0]
                 g0[:, :] = zero
                 for lane in range(nl):
@@ -187,52 +251,18 @@ if _HAVE_NUMBA:
                         d = out[i, lane] - tr[i]
                         se += d * d
                         g0[i, lane] = scale * d
-                # backward: gb[cur] holds dL/d(output of layer j)
+                # backward, segment by segment: gb[cur] holds dL/d(output of layer j)
                 cur = 0
-                for j in range(depth - 1, -1, -1):
-                    src = a[j]
-                    gout = gb[cur]
-                    gin = gb[1 - cur]
-                    p = perms[j]
-                    w = blocks[j]
-                    need_in = j > 0
-                    for blk in range(h):
-                        i0 = p[2 * blk]
-                        i1 = p[2 * blk + 1]
-                        s0 = src[i0]
-                        s1 = src[i1]
-                        e0r = gout[2 * blk]
-                        e1r = gout[2 * blk + 1]
-                        s00 = zero
-                        s01 = zero
-                        s10 = zero
-                        s11 = zero
-                        for lane in range(lanes):
-                            u0 = s0[lane]
-                            u1 = s1[lane]
-                            e0 = e0r[lane]
-                            e1 = e1r[lane]
-                            s00 += e0 * u0
-                            s01 += e0 * u1
-                            s10 += e1 * u0
-                            s11 += e1 * u1
-                        if need_in:
-                            w00 = w[blk, 0, 0]
-                            w01 = w[blk, 0, 1]
-                            w10 = w[blk, 1, 0]
-                            w11 = w[blk, 1, 1]
-                            d0 = gin[i0]
-                            d1 = gin[i1]
-                            for lane in range(lanes):
-                                e0 = e0r[lane]
-                                e1 = e1r[lane]
-                                d0[lane] = w00 * e0 + w10 * e1
-                                d1[lane] = w01 * e0 + w11 * e1
-                        acc[j, blk, 0, 0] += s00
-                        acc[j, blk, 0, 1] += s01
-                        acc[j, blk, 1, 0] += s10
-                        acc[j, blk, 1, 1] += s11
-                    cur = 1 - cur
+                for s in range(nseg - 1, -1, -1):
+                    j0 = s * seglen
+                    j1 = min(depth, j0 + seglen)
+                    for j in range(j0, j1 - 1):  # recompute the inputs of layers j0+1 .. j1-1
+                        src = c[s] if j == j0 else sb[j - j0 - 1]
+                        _mix(src, sb[j - j0], perms[j], blocks[j], h, lanes)
+                    for j in range(j1 - 1, j0 - 1, -1):
+                        src = c[s] if j == j0 else sb[j - j0 - 1]
+                        _unmix(src, gb[cur], gb[1 - cur], perms[j], blocks[j], h, lanes, j > 0, acc[j])
+                        cur = 1 - cur
             sq[g] = se
             ftz_exit(fp_mode)
 
@@ -300,8 +330,19 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray
     return buf
 
 
-def _run_kernel(x, t, blocks, perms, out_features):
-    """Runs the fused kernel; returns (sum of squared errors, per-group gradient accumulators)."""
+def segment_length(depth: int, width: int, itemsize: int) -> int:
+    """Layers per checkpoint segment of the fused step: 1 (keep every layer's activations) when
+    they all fit in :data:`SEGMENT_BYTES`, else as many layers as fit there (at least 2)."""
+    layer = width * LANES * itemsize
+    if (depth + 1) * layer <= SEGMENT_BYTES:
+        return 1
+    return max(2, min(depth, SEGMENT_BYTES // layer))
+
+
+def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
+    """Runs the fused kernel; returns (sum of squared errors, per-group gradient accumulators).
+    ``seglen``: layers per checkpoint segment (default :func:`segment_length`); any value gives
+    the same bytes (the recomputed activations are the stored ones, bit for bit)."""
     if not _HAVE_NUMBA:  # pragma: no cover
         raise RuntimeError("numba is not installed")
     if x.device.type != "cpu" or blocks.device.type != "cpu":
@@ -320,11 +361,14 @@ def _run_kernel(x, t, blocks, perms, out_features):
     groups = max(1, min(GROUPS, nchunks))
     npdt = bn.dtype
     threads = numba.get_num_threads()
-    act = _workspace("act", (threads, depth + 1, n, LANES), npdt)
+    seglen = segment_length(depth, n, npdt.itemsize) if seglen is None else int(seglen)
+    nseg = (depth + seglen - 1) // seglen
+    cp = _workspace("cp", (threads, nseg + 1, n, LANES), npdt)
+    seg = _workspace("seg", (threads, max(2, seglen - 1), n, LANES), npdt)
     gbuf = _workspace("gbuf", (threads, 2, n, LANES), npdt)
     gacc = _workspace("gacc", (groups, depth, h, 2, 2), np.float64)
     sq = np.zeros(groups, dtype=np.float64)
-    _fit_step_kernel(xn, tn, bn, pn, int(out_features), LANES, act, gbuf, gacc, sq)
+    _fit_step_kernel(xn, tn, bn, pn, int(out_features), LANES, seglen, cp, seg, gbuf, gacc, sq)
     return float(sq.sum()), gacc
 
 
