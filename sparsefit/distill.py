@@ -62,6 +62,9 @@ STATE_VERSION = 1
 #: 2026-12-02): 600 end-to-end steps reached held-out cosine 0.958, 2,400 steps 0.962 while the
 #: sentences it trained on reached 0.986; more text (the corpus's ``distill`` part) and augmentation
 #: close that gap; this schedule took 0.882 to 0.966 in 649 s of distillation on 2 CPU cores.
+#: Choices of :attr:`DistillConfig.layer_inputs`.
+LAYER_INPUTS = ("teacher", "student")
+
 AUTO_SCHEDULE: dict[str, Any] = {"layer_steps": 150, "steps": 2400, "augment": 0.1}
 
 
@@ -91,6 +94,10 @@ class DistillConfig(VersionedConfig):
     augment: each end-to-end step replaces this fraction of the batch's inner tokens by tokens drawn
     from the calibration text (a new draw every step; the teacher then runs on the fly); ``None``:
     the auto value when ``steps="auto"``, else 0.
+    layer_inputs: what block ``i`` is fed in the layer-wise stage: ``"teacher"`` (the teacher's
+    input to block ``i``; every block learns its own map) or ``"student"`` (the output of the
+    student's already trained blocks ``0..i-1`` on the same batch, so block ``i`` also learns to
+    undo the error that reaches it).
     blocks: dotted name of the module list holding the transformer blocks (``None``: detected).
     """
 
@@ -111,6 +118,7 @@ class DistillConfig(VersionedConfig):
     pooled_weight: float = 1.0
     intermediate_weight: float = 0.5
     augment: float | None = None
+    layer_inputs: str = "teacher"
     blocks: str | None = None
 
     KIND: ClassVar[str] = "distillation config"
@@ -147,6 +155,10 @@ class DistillConfig(VersionedConfig):
             isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not (0 <= self.augment < 1)
         ):
             raise SparsefitError(f"augment (fraction of tokens replaced) must be in [0, 1), got {self.augment!r}")
+        if self.layer_inputs not in LAYER_INPUTS:
+            raise SparsefitError(
+                f"layer_inputs must be one of {', '.join(LAYER_INPUTS)}, got {self.layer_inputs!r}"
+            )
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
 
@@ -723,7 +735,13 @@ def distill(
                     g["lr"] = g["base"] * frac
                 if kind == "layer":
                     assert block is not None
-                    out = t.calls[block](s_blocks[block], t.hidden[block])
+                    hidden = t.hidden[block]
+                    if config.layer_inputs == "student":
+                        with torch.no_grad():  # blocks before this one are final for this stage
+                            hidden = t.hidden[0]
+                            for b in range(block):
+                                hidden = t.calls[b](s_blocks[b], hidden)
+                    out = t.calls[block](s_blocks[block], hidden)
                     loss = _rel_mse(out, t.hidden[block + 1], batch["attention_mask"])
                 else:
                     loss = _e2e_loss(student, s_blocks, batch, t, config)

@@ -252,6 +252,49 @@ def test_augmented_distillation_resumes_to_the_same_bytes(tmp_path):
     assert again.resumed and state_bytes(student) == state_bytes(ref) and again.history == full.history
 
 
+@pytest.mark.parametrize("layer_inputs", ["teacher", "student"])
+def test_layer_stage_feeds_teacher_or_student_inputs(layer_inputs):
+    teacher = tiny_bert()
+    data = calibration()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # block 0 differs from the teacher's but does not train
+        student.encoder.layer[0].output.dense.weight.mul_(0.5)
+    att = student.encoder.layer[1].attention.self
+    att.query = LowRank(att.query, 4)
+    cfg = dataclasses.replace(
+        CFG, steps=0, layer_steps=3, batch=64, train_biases=False, train_norms=False, train_dense=False,
+        layer_inputs=layer_inputs,
+    )
+    fed = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():  # a training call (validation runs without gradients)
+            fed.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    student.encoder.layer[1].register_forward_pre_hook(record, with_kwargs=True)
+    report = distill(teacher, student, data, cfg)
+    assert report.steps_done == 3 and len(fed) == 3
+    train, _ = split_samples(data["attention_mask"].shape[0], cfg)
+    (batch,) = make_batches(train, data["attention_mask"].sum(1), cfg.batch)
+    sub = {k: v[batch] for k, v in data.items()}
+
+    def block1_input(model):
+        got = []
+        h = model.encoder.layer[1].register_forward_pre_hook(
+            lambda m, a, k: got.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True
+        )
+        with torch.no_grad():
+            model(**sub)
+        h.remove()
+        return got[0]
+
+    want = block1_input(student if layer_inputs == "student" else teacher)
+    other = block1_input(teacher if layer_inputs == "student" else student)
+    assert not torch.allclose(want, other, atol=1e-3)  # the two modes really differ here
+    for x in fed:
+        torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("train_dense", [True, False])
 def test_train_dense_trains_the_kept_dense_linears(train_dense):
     teacher = tiny_bert()
@@ -282,6 +325,7 @@ def test_train_dense_trains_the_kept_dense_linears(train_dense):
         {"pooled_weight": -1.0},
         {"augment": 1.0},
         {"augment": -0.1},
+        {"layer_inputs": "both"},
     ],
     ids=lambda d: next(iter(d)),
 )
