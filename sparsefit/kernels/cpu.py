@@ -57,6 +57,7 @@ try:  # numba is a declared dependency, but the torch path must keep working wit
     import numba
     import numpy as np
 
+    from .cpu_apply import _grad_layer_blocks, _grad_layer_both, _layer_lanes
     from .fpenv import ftz_enter, ftz_exit
 
     _HAVE_NUMBA = True
@@ -136,66 +137,6 @@ if _HAVE_NUMBA:
     # still produces NaN/Inf that the caller detects.
     _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
-    @numba.njit(fastmath=_FASTMATH, cache=True, inline="always", nogil=True)
-    def _mix(src, dst, p, w, h, lanes):  # pragma: no cover - compiled
-        # one layer forward for a chunk: dst[2b + r] = sum_c w[b, r, c] * src[p[2b + c]]
-        for blk in range(h):
-            s0 = src[p[2 * blk]]
-            s1 = src[p[2 * blk + 1]]
-            d0 = dst[2 * blk]
-            d1 = dst[2 * blk + 1]
-            w00 = w[blk, 0, 0]
-            w01 = w[blk, 0, 1]
-            w10 = w[blk, 1, 0]
-            w11 = w[blk, 1, 1]
-            for lane in range(lanes):
-                u0 = s0[lane]
-                u1 = s1[lane]
-                d0[lane] = w00 * u0 + w01 * u1
-                d1[lane] = w10 * u0 + w11 * u1
-
-    @numba.njit(fastmath=_FASTMATH, cache=True, inline="always", nogil=True)
-    def _unmix(src, gout, gin, p, w, h, lanes, need_in, acc_j):  # pragma: no cover - compiled
-        # one layer backward for a chunk: block gradients reduced over the lanes into acc_j, and
-        # (need_in) the input gradient scattered through the permutation (a bijection: no conflicts)
-        zero = src.dtype.type(0)
-        for blk in range(h):
-            i0 = p[2 * blk]
-            i1 = p[2 * blk + 1]
-            s0 = src[i0]
-            s1 = src[i1]
-            e0r = gout[2 * blk]
-            e1r = gout[2 * blk + 1]
-            s00 = zero
-            s01 = zero
-            s10 = zero
-            s11 = zero
-            for lane in range(lanes):
-                u0 = s0[lane]
-                u1 = s1[lane]
-                e0 = e0r[lane]
-                e1 = e1r[lane]
-                s00 += e0 * u0
-                s01 += e0 * u1
-                s10 += e1 * u0
-                s11 += e1 * u1
-            if need_in:
-                w00 = w[blk, 0, 0]
-                w01 = w[blk, 0, 1]
-                w10 = w[blk, 1, 0]
-                w11 = w[blk, 1, 1]
-                d0 = gin[i0]
-                d1 = gin[i1]
-                for lane in range(lanes):
-                    e0 = e0r[lane]
-                    e1 = e1r[lane]
-                    d0[lane] = w00 * e0 + w10 * e1
-                    d1[lane] = w01 * e0 + w11 * e1
-            acc_j[blk, 0, 0] += s00
-            acc_j[blk, 0, 1] += s01
-            acc_j[blk, 1, 0] += s10
-            acc_j[blk, 1, 1] += s11
-
     @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _fit_step_kernel(x, t, blocks, perms, m, lanes, seglen, cp, seg, gbuf, gacc, sq):  # pragma: no cover
         # ``lanes`` is a runtime argument on purpose: with a compile-time trip count LLVM fully
@@ -206,7 +147,6 @@ if _HAVE_NUMBA:
         # activations into ``seg`` just before it needs them (see SEGMENT_BYTES).
         batch, k = x.shape
         depth, n = perms.shape
-        h = n // 2
         nchunks = (batch + lanes - 1) // lanes
         groups = gacc.shape[0]
         scale = 2.0 / (m * batch)
@@ -240,7 +180,7 @@ if _HAVE_NUMBA:
                     for j in range(j0, j1):
                         src = c[s] if j == j0 else sb[(j - j0 - 1) % 2]
                         dst = c[s + 1] if j == j1 - 1 else sb[(j - j0) % 2]
-                        _mix(src, dst, perms[j], blocks[j], h, lanes)
+                        _layer_lanes(src, dst, perms[j], blocks[j], lanes)
                 # loss and its gradient at the output (rows >= m are sliced off: gradient 0)
                 out = c[nseg]
                 g0 = gb[0]
@@ -258,10 +198,13 @@ if _HAVE_NUMBA:
                     j1 = min(depth, j0 + seglen)
                     for j in range(j0, j1 - 1):  # recompute the inputs of layers j0+1 .. j1-1
                         src = c[s] if j == j0 else sb[j - j0 - 1]
-                        _mix(src, sb[j - j0], perms[j], blocks[j], h, lanes)
+                        _layer_lanes(src, sb[j - j0], perms[j], blocks[j], lanes)
                     for j in range(j1 - 1, j0 - 1, -1):
                         src = c[s] if j == j0 else sb[j - j0 - 1]
-                        _unmix(src, gb[cur], gb[1 - cur], perms[j], blocks[j], h, lanes, j > 0, acc[j])
+                        if j > 0:
+                            _grad_layer_both(src, gb[cur], gb[1 - cur], perms[j], blocks[j], acc[j], lanes)
+                        else:  # the input's gradient is not needed
+                            _grad_layer_blocks(src, gb[cur], perms[j], acc[j], lanes)
                         cur = 1 - cur
             sq[g] = se
             ftz_exit(fp_mode)
