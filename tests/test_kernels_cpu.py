@@ -74,12 +74,16 @@ def test_checkpoint_segments_give_the_same_bytes(dtype):
 
 
 def test_segment_length_keeps_the_working_set_in_cache():
-    assert cpu.segment_length(6, 100, 8) == 1  # everything fits: no recomputation
-    s32, s64 = cpu.segment_length(40, 2048, 4), cpu.segment_length(40, 2048, 8)
-    layer = 2048 * cpu.LANES
+    from sparsefit.kernels import cpu_apply
+
+    seg = cpu_apply.segment_length
+    assert seg(6, 100, 8) == 1  # everything fits: no recomputation
+    s32, s64 = seg(40, 2048, 4), seg(40, 2048, 8)
+    layer = 2048 * cpu_apply.LANES
     assert 2 <= s64 < s32 < 40
-    assert s32 * layer * 4 <= cpu.SEGMENT_BYTES and s64 * layer * 8 <= cpu.SEGMENT_BYTES
-    assert cpu.segment_length(3, 10**6, 8) == 2  # never below 2 (1 would keep every layer)
+    assert s32 * layer * 4 <= cpu_apply.SEGMENT_BYTES and s64 * layer * 8 <= cpu_apply.SEGMENT_BYTES
+    assert seg(3, 10**6, 8) == 2  # never below 2 (1 would keep every layer)
+    assert seg(40, 2048, 4, lanes=8) > s32  # fewer lanes a chunk: more layers fit
 
 
 def test_numba_step_independent_of_thread_count():

@@ -108,6 +108,26 @@ def test_only_one_gradient_and_no_grad():
     assert not y.requires_grad and rel_err(y, gtilde_reference(x, blocks, perms, 17)) < 1e-13
 
 
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_checkpoint_segments_give_the_same_bytes(need_x, dtype):
+    # the reverse pass keeps every layer (segment length 1) or recomputes segments of 2, 3, 5
+    # (uneven last one) or all 7 layers from their checkpoints: the same bits every time
+    from sparsefit.kernels.cpu_apply import backward
+
+    perms, blocks, x, gy = _case(30, 17, 34, 7, 37, seed=5)
+    x, blocks, gy = x.to(dtype), blocks.to(dtype), gy.to(dtype)
+    runs = [backward(gy, x, blocks, perms, need_x, True, seglen=s) for s in (1, 2, 3, 5, 7)]
+    for gx, gb in runs[1:]:
+        assert torch.equal(gb, runs[0][1])
+        assert (gx is None) == (not need_x) and (gx is None or torch.equal(gx, runs[0][0]))
+    if dtype == torch.float64:
+        _, gx_ref, gb_ref = _grads(gtilde_reference, x, blocks, perms, 17, gy)
+        assert rel_err(runs[2][1], gb_ref) < 1e-13
+        if need_x:
+            assert rel_err(runs[2][0], gx_ref) < 1e-13
+
+
 def test_empty_batch():
     perms, blocks, x, _ = _case(5, 7, 10, 3, 1)
     x0 = x[:0].clone().requires_grad_()

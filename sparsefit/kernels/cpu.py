@@ -18,8 +18,8 @@ memory):
   (``act[layer, feature, lane]``), so each 2×2 mix is a short SIMD loop over lanes and a
   permutation gathers whole lane rows;
 * a chunk's backward follows its forward immediately, on activations kept per thread: every
-  layer's when they fit in :data:`SEGMENT_BYTES` (about one core's L2), else only the input of
-  each segment of :func:`segment_length` layers, the backward recomputing a segment's inner
+  layer's when they fit in ``cpu_apply.SEGMENT_BYTES`` (about one core's L2), else only the input of
+  each segment of ``cpu_apply.segment_length`` layers, the backward recomputing a segment's inner
   activations (bit for bit the same) just before it walks back through it — one more forward's
   arithmetic for a working set that stays in cache (``(N + 1)·n·LANES`` values are 10.5 MB at
   n = 2048, N = 40);
@@ -45,19 +45,19 @@ from .reference import gtilde_reference
 LANES = 32
 #: Number of gradient accumulators; fixed so that results do not depend on the thread count.
 GROUPS = 8
-#: Activation memory per thread that a chunk's forward may keep (about one core's L2 cache).
-#: Deeper or wider operators are run in checkpoint segments: the forward keeps each segment's
-#: input only and the backward recomputes the segment (one more forward's arithmetic) while its
-#: activations stay in cache. At width 2048, depth 40, batch 1024 on a 2-core Xeon (2 MB L2,
-#: shared L3) this took the kernel from 122-146 ms to 48-66 ms when the host was busy
-#: (``benchmarks/NOTES.md``); storing all 41 layers (10.5 MB a thread) made it memory-bound.
-SEGMENT_BYTES = 2 * 2**20
 
 try:  # numba is a declared dependency, but the torch path must keep working without it.
     import numba
     import numpy as np
 
-    from .cpu_apply import _grad_layer_blocks, _grad_layer_both, _layer_lanes
+    from .cpu_apply import (
+        _forward_segments,
+        _grad_layer_blocks,
+        _grad_layer_both,
+        _refill_segment,
+        _segment_input,
+        segment_length,
+    )
     from .fpenv import ftz_enter, ftz_exit
 
     _HAVE_NUMBA = True
@@ -144,7 +144,7 @@ if _HAVE_NUMBA:
         # runtime one the loop vectoriser emits AVX code with alias checks (6x faster backward).
         # Layers run in segments of ``seglen``: the forward keeps only each segment's input
         # (cp[s]) and the output (cp[nseg]); the backward recomputes a segment's inner
-        # activations into ``seg`` just before it needs them (see SEGMENT_BYTES).
+        # activations into ``seg`` just before it needs them (see cpu_apply.SEGMENT_BYTES).
         batch, k = x.shape
         depth, n = perms.shape
         nchunks = (batch + lanes - 1) // lanes
@@ -173,14 +173,8 @@ if _HAVE_NUMBA:
                     xr = x[b0 + lane]
                     for i in range(k):
                         a0[i, lane] = xr[i]
-                # forward, keeping the segments' inputs (inner layers ping-pong in seg[0], seg[1])
-                for s in range(nseg):
-                    j0 = s * seglen
-                    j1 = min(depth, j0 + seglen)
-                    for j in range(j0, j1):
-                        src = c[s] if j == j0 else sb[(j - j0 - 1) % 2]
-                        dst = c[s + 1] if j == j1 - 1 else sb[(j - j0) % 2]
-                        _layer_lanes(src, dst, perms[j], blocks[j], lanes)
+                # forward, keeping the segments' inputs and the output (cp[nseg])
+                _forward_segments(c, sb, seglen, nseg, blocks, perms, lanes)
                 # loss and its gradient at the output (rows >= m are sliced off: gradient 0)
                 out = c[nseg]
                 g0 = gb[0]
@@ -195,12 +189,9 @@ if _HAVE_NUMBA:
                 cur = 0
                 for s in range(nseg - 1, -1, -1):
                     j0 = s * seglen
-                    j1 = min(depth, j0 + seglen)
-                    for j in range(j0, j1 - 1):  # recompute the inputs of layers j0+1 .. j1-1
-                        src = c[s] if j == j0 else sb[j - j0 - 1]
-                        _layer_lanes(src, sb[j - j0], perms[j], blocks[j], lanes)
-                    for j in range(j1 - 1, j0 - 1, -1):
-                        src = c[s] if j == j0 else sb[j - j0 - 1]
+                    _refill_segment(c, sb, s, seglen, blocks, perms, lanes)
+                    for j in range(min(depth, j0 + seglen) - 1, j0 - 1, -1):
+                        src = _segment_input(c, sb, s, seglen, j)
                         if j > 0:
                             _grad_layer_both(src, gb[cur], gb[1 - cur], perms[j], blocks[j], acc[j], lanes)
                         else:  # the input's gradient is not needed
@@ -273,18 +264,9 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray
     return buf
 
 
-def segment_length(depth: int, width: int, itemsize: int) -> int:
-    """Layers per checkpoint segment of the fused step: 1 (keep every layer's activations) when
-    they all fit in :data:`SEGMENT_BYTES`, else as many layers as fit there (at least 2)."""
-    layer = width * LANES * itemsize
-    if (depth + 1) * layer <= SEGMENT_BYTES:
-        return 1
-    return max(2, min(depth, SEGMENT_BYTES // layer))
-
-
 def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
     """Runs the fused kernel; returns (sum of squared errors, per-group gradient accumulators).
-    ``seglen``: layers per checkpoint segment (default :func:`segment_length`); any value gives
+    ``seglen``: layers per checkpoint segment (default ``cpu_apply.segment_length``); any value gives
     the same bytes (the recomputed activations are the stored ones, bit for bit)."""
     if not _HAVE_NUMBA:  # pragma: no cover
         raise RuntimeError("numba is not installed")
@@ -304,7 +286,7 @@ def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
     groups = max(1, min(GROUPS, nchunks))
     npdt = bn.dtype
     threads = numba.get_num_threads()
-    seglen = segment_length(depth, n, npdt.itemsize) if seglen is None else int(seglen)
+    seglen = segment_length(depth, n, npdt.itemsize, LANES) if seglen is None else int(seglen)
     nseg = (depth + seglen - 1) // seglen
     cp = _workspace("cp", (threads, nseg + 1, n, LANES), npdt)
     seg = _workspace("seg", (threads, max(2, seglen - 1), n, LANES), npdt)

@@ -52,6 +52,22 @@ MIN_LANES_BATCH = 6
 PARALLEL_MIN_WORK = 1 << 21
 #: Block-gradient accumulators; fixed, so the result does not depend on the thread count.
 GROUPS = 4
+#: Activation memory per thread that a chunk's reverse pass may keep (about one core's L2 cache).
+#: Deeper or wider operators run in checkpoint segments (:func:`segment_length`): the forward
+#: keeps each segment's input only, and the reverse pass recomputes a segment's inner activations
+#: (bit for bit the stored ones) just before it walks back through it — one more forward's
+#: arithmetic for a working set that stays in cache. Shared with the fit step (``kernels/cpu.py``),
+#: where at width 2048, depth 40 it took a busy host's kernel from 142-150 ms to 59-61 ms.
+SEGMENT_BYTES = 2 * 2**20
+
+
+def segment_length(depth: int, width: int, itemsize: int, lanes: int = LANES) -> int:
+    """Layers per checkpoint segment: 1 (keep every layer's activations) when ``depth + 1`` of
+    them fit in :data:`SEGMENT_BYTES`, else as many layers as fit there (at least 2)."""
+    layer = width * lanes * itemsize
+    if (depth + 1) * layer <= SEGMENT_BYTES:
+        return 1
+    return max(2, min(depth, SEGMENT_BYTES // layer))
 
 # reassoc/contract let LLVM vectorise and fuse; no 'nnan'/'ninf', so NaN and Inf propagate.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
@@ -263,13 +279,47 @@ def _grad_layer_input(gout, gin, p, w, lanes):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", **_JIT)
-def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, a, gb, acc):  # pragma: no cover
-    """Group ``g``'s chunks: recompute each chunk's forward (keeping every layer's state in
-    ``a``), then the reverse pass; the block gradient accumulates into ``acc``."""
+def _forward_segments(c, sb, seglen, nrun, blocks, perms, lanes):  # pragma: no cover - compiled
+    """The first ``nrun`` checkpoint segments of a chunk's forward: segment ``s`` reads its
+    input ``c[s]`` and writes its output to ``c[s + 1]``; inner layers ping-pong in ``sb[0:2]``."""
+    depth = perms.shape[0]
+    for s in range(nrun):
+        j0 = s * seglen
+        j1 = min(depth, j0 + seglen)
+        for j in range(j0, j1):
+            src = c[s] if j == j0 else sb[(j - j0 - 1) % 2]
+            dst = c[s + 1] if j == j1 - 1 else sb[(j - j0) % 2]
+            _layer_lanes(src, dst, perms[j], blocks[j], lanes)
+
+
+@numba.njit(inline="always", **_JIT)
+def _refill_segment(c, sb, s, seglen, blocks, perms, lanes):  # pragma: no cover - compiled
+    """Recompute segment ``s``'s inner layer inputs from its checkpoint: the input of layer
+    ``j0 + i`` goes to ``sb[i - 1]`` (layer ``j0``'s input is ``c[s]``, see :func:`_segment_input`)."""
+    depth = perms.shape[0]
+    j0 = s * seglen
+    j1 = min(depth, j0 + seglen)
+    for j in range(j0, j1 - 1):
+        _layer_lanes(_segment_input(c, sb, s, seglen, j), sb[j - j0], perms[j], blocks[j], lanes)
+
+
+@numba.njit(inline="always", **_JIT)
+def _segment_input(c, sb, s, seglen, j):  # pragma: no cover - compiled
+    """The input of layer ``j`` of segment ``s`` after :func:`_refill_segment`."""
+    j0 = s * seglen
+    return c[s] if j == j0 else sb[j - j0 - 1]
+
+
+@numba.njit(inline="always", **_JIT)
+def _bwd_group(gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, c, sb, gb, acc):  # pragma: no cover
+    """Group ``g``'s chunks: recompute each chunk's forward (keeping the input of every segment
+    of ``seglen`` layers in ``c``), then the reverse pass, segment by segment (inner activations
+    recomputed into ``sb``); the block gradient accumulates into ``acc``."""
     fp_mode = ftz_enter()
     batch = gy.shape[0]
     k = x.shape[1]
     depth = perms.shape[0]
+    nseg = (depth + seglen - 1) // seglen
     nchunks = (batch + lanes - 1) // lanes
     if need_blocks:
         acc[:] = 0.0
@@ -278,25 +328,29 @@ def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, 
     for ch in range(c0, c1):
         b0 = ch * lanes
         nl = min(lanes, batch - b0)
-        if need_blocks:  # the block gradient needs every layer's input
-            _load_chunk(x, b0, nl, lanes, a[0])
-            for j in range(depth - 1):
-                _layer_lanes(a[j], a[j + 1], perms[j], blocks[j], lanes)
+        if need_blocks:  # the block gradient needs every layer's input; the output is not needed
+            _load_chunk(x, b0, nl, lanes, c[0])
+            _forward_segments(c, sb, seglen, nseg - 1, blocks, perms, lanes)
         _load_chunk(gy, b0, nl, lanes, gb[0])
         cur = 0
-        for j in range(depth - 1, -1, -1):
-            gout = gb[cur]
-            gin = gb[1 - cur]
-            p = perms[j]
-            w = blocks[j]
-            src = a[j if need_blocks else 0]
-            if need_blocks and (need_x or j > 0):
-                _grad_layer_both(src, gout, gin, p, w, acc[j], lanes)
-            elif need_blocks:  # layer 0 without the input gradient
-                _grad_layer_blocks(src, gout, p, acc[j], lanes)
-            else:
-                _grad_layer_input(gout, gin, p, w, lanes)
-            cur = 1 - cur
+        for s in range(nseg - 1, -1, -1):
+            j0 = s * seglen
+            if need_blocks:
+                _refill_segment(c, sb, s, seglen, blocks, perms, lanes)
+            for j in range(min(depth, j0 + seglen) - 1, j0 - 1, -1):
+                gout = gb[cur]
+                gin = gb[1 - cur]
+                p = perms[j]
+                w = blocks[j]
+                if need_blocks:
+                    src = _segment_input(c, sb, s, seglen, j)
+                    if need_x or j > 0:
+                        _grad_layer_both(src, gout, gin, p, w, acc[j], lanes)
+                    else:  # layer 0 without the input gradient
+                        _grad_layer_blocks(src, gout, p, acc[j], lanes)
+                else:
+                    _grad_layer_input(gout, gin, p, w, lanes)
+                cur = 1 - cur
         if need_x:
             g0 = gb[cur]
             for lane in range(nl):
@@ -307,18 +361,23 @@ def _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, 
 
 
 @numba.njit(**_JIT)
-def _bwd_serial(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
+def _bwd_serial(gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
     for g in range(groups):
-        _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[0], gbuf[0], gacc[g])
+        _bwd_group(
+            gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, cp[0], seg[0], gbuf[0], gacc[g]
+        )
 
 
 @numba.njit(parallel=True, **_JIT)
-def _bwd_parallel(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, act, gbuf, gacc):  # pragma: no cover
+def _bwd_parallel(gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
     for g in numba.prange(groups):
         tid = numba.get_thread_id()
-        _bwd_group(gy, x, blocks, perms, gx, lanes, need_x, need_blocks, g, groups, act[tid], gbuf[tid], gacc[g])
+        _bwd_group(
+            gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, cp[tid], seg[tid], gbuf[tid],
+            gacc[g],
+        )
 
 
 @numba.njit(**_JIT)
@@ -398,9 +457,11 @@ def backward(
     perms: torch.Tensor,
     need_x: bool,
     need_blocks: bool,
+    seglen: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``y = G~ x`` given ``gy = ∂L/∂y``: ``(∂x, ∂blocks)`` (``None`` where not
-    needed). ``∂x`` has ``x``'s dtype, ``∂blocks`` the blocks' dtype."""
+    needed). ``∂x`` has ``x``'s dtype, ``∂blocks`` the blocks' dtype. ``seglen``: layers per
+    checkpoint segment (default :func:`segment_length`); every value gives the same bytes."""
     cdt = compute_dtype(torch.promote_types(x.dtype, blocks.dtype))
     batch, k = x.shape
     depth, n = perms.shape
@@ -420,11 +481,18 @@ def backward(
     nchunks = -(-batch // lanes)
     groups = min(GROUPS, nchunks)
     npdt = xn.dtype
-    act = np.empty((threads, depth if need_blocks else 1, n, lanes), dtype=npdt)
+    if seglen is None:
+        seglen = segment_length(depth, n, npdt.itemsize, lanes)
+    seglen = int(seglen) if need_blocks else depth  # without the block gradient nothing is kept
+    nseg = -(-depth // seglen)
+    cp = np.empty((threads, nseg if need_blocks else 1, n, lanes), dtype=npdt)
+    seg = np.empty((threads, max(2, seglen - 1) if need_blocks else 1, n, lanes), dtype=npdt)
     gbuf = np.empty((threads, 2, n, lanes), dtype=npdt)
     gacc = np.empty((groups, depth, h, 2, 2) if need_blocks else (groups, 0, 0, 2, 2), dtype=np.float64)
     gxn = gx.numpy() if gx is not None else np.empty((0, 0), dtype=npdt)
-    (_bwd_serial if threads == 1 else _bwd_parallel)(gyn, xn, bn, pn, gxn, lanes, need_x, need_blocks, act, gbuf, gacc)
+    (_bwd_serial if threads == 1 else _bwd_parallel)(
+        gyn, xn, bn, pn, gxn, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc
+    )
     if gb is not None:
         _reduce_groups(gacc, gb.numpy())
     return (gx.to(x.dtype) if gx is not None else None), (gb.to(blocks.dtype) if gb is not None else None)
