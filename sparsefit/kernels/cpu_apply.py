@@ -22,7 +22,9 @@ state in cache through all ``N`` layers.
 * **Padding and slicing are fused**: the input is copied into the zero-padded state, the first
   ``out_features`` entries of the result are written to ``y`` directly.
 * **Backward** recomputes a chunk's forward (only ``x`` is kept from the forward pass, no
-  activations), keeping each layer's state for that chunk, then runs the layers in reverse:
+  activations), keeping each layer's state for that chunk — or, when that exceeds
+  :data:`SEGMENT_BYTES`, only every :func:`segment_length`-th, the reverse pass recomputing the
+  layers between from it — then runs the layers in reverse:
   the input gradient is scattered through the permutation (a bijection: no write conflicts)
   and the block gradient is reduced over the chunk's lanes into one of a fixed number of
   float64 accumulators (:data:`GROUPS`), summed in a fixed order — the same bits for any
