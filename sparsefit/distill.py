@@ -57,14 +57,14 @@ DISTILL_CONFIG_VERSION = 1
 STATE_FORMAT = "sparsefit.distill-state"
 STATE_VERSION = 1
 
+#: Choices of :attr:`DistillConfig.layer_inputs`.
+LAYER_INPUTS = ("teacher", "student")
+
 #: The ``auto`` schedule: steps per block in stage 1, steps in stage 2, the token augmentation of
 #: stage 2. Chosen on all-MiniLM-L6-v2 at ``--keep 0.5`` with the builtin corpus (``benchmarks/NOTES.md``,
 #: 2026-12-02): 600 end-to-end steps reached held-out cosine 0.958, 2,400 steps 0.962 while the
 #: sentences it trained on reached 0.986; more text (the corpus's ``distill`` part) and augmentation
 #: close that gap; this schedule took 0.882 to 0.966 in 649 s of distillation on 2 CPU cores.
-#: Choices of :attr:`DistillConfig.layer_inputs`.
-LAYER_INPUTS = ("teacher", "student")
-
 AUTO_SCHEDULE: dict[str, Any] = {"layer_steps": 150, "steps": 2400, "augment": 0.1}
 
 
@@ -156,9 +156,7 @@ class DistillConfig(VersionedConfig):
         ):
             raise SparsefitError(f"augment (fraction of tokens replaced) must be in [0, 1), got {self.augment!r}")
         if self.layer_inputs not in LAYER_INPUTS:
-            raise SparsefitError(
-                f"layer_inputs must be one of {', '.join(LAYER_INPUTS)}, got {self.layer_inputs!r}"
-            )
+            raise SparsefitError(f"layer_inputs must be one of {', '.join(LAYER_INPUTS)}, got {self.layer_inputs!r}")
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
 

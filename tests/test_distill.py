@@ -262,7 +262,13 @@ def test_layer_stage_feeds_teacher_or_student_inputs(layer_inputs):
     att = student.encoder.layer[1].attention.self
     att.query = LowRank(att.query, 4)
     cfg = dataclasses.replace(
-        CFG, steps=0, layer_steps=3, batch=64, train_biases=False, train_norms=False, train_dense=False,
+        CFG,
+        steps=0,
+        layer_steps=3,
+        batch=64,
+        train_biases=False,
+        train_norms=False,
+        train_dense=False,
         layer_inputs=layer_inputs,
     )
     fed = []

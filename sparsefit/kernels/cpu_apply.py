@@ -71,6 +71,7 @@ def segment_length(depth: int, width: int, itemsize: int, lanes: int = LANES) ->
         return 1
     return max(2, min(depth, SEGMENT_BYTES // layer))
 
+
 # reassoc/contract let LLVM vectorise and fuse; no 'nnan'/'ninf', so NaN and Inf propagate.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True, "boundscheck": False}
@@ -313,7 +314,9 @@ def _segment_input(c, sb, s, seglen, j):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", **_JIT)
-def _bwd_group(gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, c, sb, gb, acc):  # pragma: no cover
+def _bwd_group(
+    gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, c, sb, gb, acc
+):  # pragma: no cover
     """Group ``g``'s chunks: recompute each chunk's forward (keeping the input of every segment
     of ``seglen`` layers in ``c``), then the reverse pass, segment by segment (inner activations
     recomputed into ``sb``); the block gradient accumulates into ``acc``."""
@@ -372,12 +375,27 @@ def _bwd_serial(gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, cp
 
 
 @numba.njit(parallel=True, **_JIT)
-def _bwd_parallel(gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc):  # pragma: no cover
+def _bwd_parallel(
+    gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc
+):  # pragma: no cover
     groups = gacc.shape[0]
     for g in numba.prange(groups):
         tid = numba.get_thread_id()
         _bwd_group(
-            gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, cp[tid], seg[tid], gbuf[tid],
+            gy,
+            x,
+            blocks,
+            perms,
+            gx,
+            lanes,
+            seglen,
+            need_x,
+            need_blocks,
+            g,
+            groups,
+            cp[tid],
+            seg[tid],
+            gbuf[tid],
             gacc[g],
         )
 
