@@ -9,8 +9,12 @@ original) on calibration text, in two stages:
    block, is trained to produce the teacher's output of that block (relative masked MSE). Blocks
    are independent here, so errors do not pile up while they are being fixed.
 2. **end to end**: the whole student is trained on the teacher's last hidden state (relative
-   masked MSE), its mean-pooled embedding (1 − cosine) and, with a smaller weight, every
-   intermediate block output.
+   masked MSE), its mean-pooled embedding (1 − cosine), every intermediate block output (weight
+   4) and, where the model's query/key projections can be found, every block's attention maps
+   (KL divergence, weight 4; also in stage 1).
+
+The teacher's target passes run in bfloat16 where the hardware multiplies it natively
+(``teacher_dtype="auto"``); the targets are stored in float32 and validation uses float32.
 
 Padding never counts: every loss and pool is masked by the batch's ``attention_mask``. The
 teacher's activations are cached in memory up to ``cache_mb`` and computed on the fly beyond.
@@ -60,11 +64,20 @@ STATE_VERSION = 1
 #: Choices of :attr:`DistillConfig.layer_inputs`.
 LAYER_INPUTS = ("teacher", "student")
 
+#: Choices of :attr:`DistillConfig.teacher_dtype`.
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+
+#: The attention-map weight used when ``attention_weight`` is ``None`` (``benchmarks/NOTES.md``,
+#: 2026-12-02, fourth part: +0.0007 cosine / +0.003 Spearman at 600 steps on all-MiniLM-L6-v2).
+AUTO_ATTENTION_WEIGHT = 4.0
+
 #: The ``auto`` schedule: steps per block in stage 1, steps in stage 2, the token augmentation of
 #: stage 2. Chosen on all-MiniLM-L6-v2 at ``--keep 0.5`` with the builtin corpus (``benchmarks/NOTES.md``,
 #: 2026-12-02): 600 end-to-end steps reached held-out cosine 0.958, 2,400 steps 0.962 while the
 #: sentences it trained on reached 0.986; more text (the corpus's ``distill`` part) and augmentation
-#: close that gap; this schedule took 0.882 to 0.966 in 649 s of distillation on 2 CPU cores.
+#: close that gap; this schedule took 0.882 to 0.966 in 649 s of distillation on 2 CPU cores. With
+#: the intermediate weight 4 and the attention maps (2026-12-02, fourth part) it reaches 0.967 / 0.969
+#: Spearman; the bfloat16 teacher and the fused Adam keep the whole command under 15 minutes.
 AUTO_SCHEDULE: dict[str, Any] = {"layer_steps": 150, "steps": 2400, "augment": 0.1}
 
 
@@ -91,6 +104,14 @@ class DistillConfig(VersionedConfig):
     eval_every / checkpoint_every: end-to-end steps between validations / state files.
     pooled_weight / intermediate_weight: weights of the pooled-embedding cosine and of the
     intermediate block outputs in the end-to-end loss (the last hidden state has weight 1).
+    attention_weight: weight of the attention maps in both stages' losses: the KL divergence from
+    the teacher's attention distributions (``softmax(q·kᵀ/√d)`` per head, from the outputs of each
+    block's query and key projections, padding masked) to the student's, averaged over blocks,
+    heads and real query tokens. Needs projections named ``query``/``key`` or ``q_proj``/``k_proj``
+    and ``config.num_attention_heads`` on the teacher; the map is the one before any rotary
+    position encoding, which is exactly the model's map for absolute-position models (BERT family).
+    ``None``: :data:`AUTO_ATTENTION_WEIGHT` where the model has such projections, else 0 (an explicit
+    weight > 0 on a model without them is an error).
     augment: each end-to-end step replaces this fraction of the batch's inner tokens by tokens drawn
     from the calibration text (a new draw every step; the teacher then runs on the fly); ``None``:
     the auto value when ``steps="auto"``, else 0.
@@ -98,6 +119,12 @@ class DistillConfig(VersionedConfig):
     input to block ``i``; every block learns its own map) or ``"student"`` (the output of the
     student's already trained blocks ``0..i-1`` on the same batch, so block ``i`` also learns to
     undo the error that reaches it).
+    teacher_dtype: the precision of the teacher's forward passes that make the training targets:
+    ``"bfloat16"`` (autocast; the targets are stored as float32), ``"float32"``, or ``"auto"``:
+    bfloat16 where the hardware multiplies bfloat16 natively (a CUDA device that supports it, a CPU
+    with AVX512-BF16 or AMX), else float32. On all-MiniLM-L6-v2 the bfloat16 teacher's pooled
+    embeddings keep cosine ≥ 0.9999 to the float32 ones and its forward pass is 1.7× faster on a
+    2-core AVX512-BF16 CPU. The validation metric always uses the float32 teacher.
     blocks: dotted name of the module list holding the transformer blocks (``None``: detected).
     """
 
@@ -116,9 +143,11 @@ class DistillConfig(VersionedConfig):
     eval_every: int = 100
     checkpoint_every: int = 100
     pooled_weight: float = 1.0
-    intermediate_weight: float = 0.5
+    intermediate_weight: float = 4.0
+    attention_weight: float | None = None
     augment: float | None = None
     layer_inputs: str = "teacher"
+    teacher_dtype: str = "auto"
     blocks: str | None = None
 
     KIND: ClassVar[str] = "distillation config"
@@ -143,20 +172,30 @@ class DistillConfig(VersionedConfig):
         _check_int("validation samples (val_max)", self.val_max, 1)
         _check_int("eval_every", self.eval_every, 1)
         _check_int("checkpoint_every", self.checkpoint_every, 1)
-        for name, v, lo in (
-            ("learning rate", self.lr, 0.0),
-            ("cache budget (MiB)", self.cache_mb, -1.0),
-            ("pooled weight", self.pooled_weight, -1.0),
-            ("intermediate weight", self.intermediate_weight, -1.0),
+        for name, v, positive in (
+            ("learning rate", self.lr, True),
+            ("cache budget (MiB)", self.cache_mb, False),
+            ("pooled weight", self.pooled_weight, False),
+            ("intermediate weight", self.intermediate_weight, False),
+            ("attention weight", 0.0 if self.attention_weight is None else self.attention_weight, False),
         ):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > lo:
-                raise SparsefitError(f"{name} must be a finite number {'> 0' if lo == 0 else '>= 0'}, got {v!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or not (v > 0 if positive else v >= 0)
+            ):
+                raise SparsefitError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
         if self.augment is not None and (
             isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not (0 <= self.augment < 1)
         ):
             raise SparsefitError(f"augment (fraction of tokens replaced) must be in [0, 1), got {self.augment!r}")
         if self.layer_inputs not in LAYER_INPUTS:
             raise SparsefitError(f"layer_inputs must be one of {', '.join(LAYER_INPUTS)}, got {self.layer_inputs!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise SparsefitError(
+                f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}"
+            )
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
 
@@ -233,6 +272,8 @@ class DistillReport:
     trained_modules: int
     cached_batches: int
     batches: int
+    attention_weight: float = 0.0
+    teacher_dtype: str = "float32"
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -396,16 +437,38 @@ def _first(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def _detach(x: Any) -> Any:
+def _detach(x: Any, dtype: torch.dtype | None = None) -> Any:
+    """``x`` (tensors inside tuples, lists, dicts too) detached; floating tensors cast to ``dtype``."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        x = x.detach()
+        return x.to(dtype) if dtype is not None and x.is_floating_point() and x.dtype != dtype else x
     if isinstance(x, tuple):
-        return tuple(_detach(v) for v in x)
+        return tuple(_detach(v, dtype) for v in x)
     if isinstance(x, list):
-        return [_detach(v) for v in x]
+        return [_detach(v, dtype) for v in x]
     if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
+        return {k: _detach(v, dtype) for k, v in x.items()}
     return x
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def teacher_bfloat16(config: DistillConfig, device: torch.device) -> bool:
+    """Whether the teacher's target passes run in bfloat16 (:attr:`DistillConfig.teacher_dtype`)."""
+    if config.teacher_dtype != "auto":
+        return config.teacher_dtype == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 @dataclass
@@ -417,6 +480,7 @@ class _Teacher:
     calls: list[_Call]
     final: torch.Tensor
     pooled: torch.Tensor
+    attention: list[torch.Tensor] = field(default_factory=list)
 
     def nbytes(self) -> int:
         seen: dict[int, int] = {}
@@ -437,6 +501,7 @@ class _Teacher:
             visit(c.args)
             visit(c.kwargs)
         visit(self.pooled)
+        visit(self.attention)
         return sum(seen.values())
 
 
@@ -446,27 +511,120 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+@dataclass(frozen=True)
+class _Attention:
+    """Where each block's query and key projections are (names inside the block), the head count
+    and the weight of the attention-map term."""
+
+    names: list[tuple[str, str]]
+    heads: int
+    weight: float
+
+    def hook(self, blocks: nn.ModuleList, store: list[list[torch.Tensor | None]]) -> list[Any]:
+        """Forward hooks that put block ``i``'s query and key outputs into ``store[i]``."""
+
+        def keep(i: int, j: int):
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                store[i][j] = _first(output)
+
+            return hook
+
+        return [
+            blocks[i].get_submodule(name).register_forward_hook(keep(i, j))
+            for i, pair in enumerate(self.names)
+            for j, name in enumerate(pair)
+        ]
+
+    def logprobs(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D)`` queries and keys -> ``(B, heads, T, T)`` log attention probabilities."""
+        b, t, d = q.shape
+        dh = d // self.heads
+        qh = q.reshape(b, t, self.heads, dh).transpose(1, 2)
+        kh = k.reshape(b, k.shape[1], self.heads, dh).transpose(1, 2)
+        scores = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh))
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+        return torch.log_softmax(scores, dim=-1)
+
+
+#: Leaf names of the query and key projections, per model family.
+_QK_NAMES = (("query", "key"), ("q_proj", "k_proj"))
+
+
+def find_attention(
+    teacher: nn.Module, blocks: nn.ModuleList, weight: float | None = AUTO_ATTENTION_WEIGHT
+) -> _Attention | None:
+    """The query/key projections of every block and the head count for ``attention_weight``
+    (:attr:`DistillConfig.attention_weight`): ``None`` when the weight is 0, or when it is ``None``
+    (auto) and the model lacks them; an error when an explicit weight > 0 cannot be applied."""
+    if weight is not None and weight == 0:
+        return None
+    heads = getattr(getattr(teacher, "config", None), "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        if weight is None:
+            return None
+        raise SparsefitError("attention_weight needs a model whose config has num_attention_heads; set it to 0")
+    names: list[tuple[str, str]] = []
+    for i, block in enumerate(blocks):
+        mods = dict(block.named_modules())
+        pair = next(
+            (
+                (n, n[: len(n) - len(qn)] + kn)
+                for qn, kn in _QK_NAMES
+                for n in mods
+                if n.rsplit(".", 1)[-1] == qn and n[: len(n) - len(qn)] + kn in mods
+            ),
+            None,
+        )
+        if pair is None:
+            if weight is None:
+                return None
+            raise SparsefitError(
+                f"attention_weight: block {i} has no query/key projections named query/key or q_proj/k_proj;"
+                " set attention_weight to 0"
+            )
+        names.append(pair)
+    return _Attention(names, heads, AUTO_ATTENTION_WEIGHT if weight is None else float(weight))
+
+
+def _attention_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of ``(B, H, T, T)`` log attention maps, mean over heads and real queries."""
+    keys = mask.bool()[:, None, None, :]
+    kl = torch.where(keys, t.exp() * (t - s), torch.zeros((), dtype=s.dtype)).sum(-1)  # (B, H, T)
+    q = mask.to(s.dtype)[:, None, :]
+    return (kl * q).sum() / (q.sum() * s.shape[1]).clamp(min=1.0)
+
+
 @torch.no_grad()
-def _run_teacher(teacher: nn.Module, blocks: nn.ModuleList, batch: dict[str, torch.Tensor]) -> _Teacher:
+def _run_teacher(
+    teacher: nn.Module,
+    blocks: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    attention: _Attention | None = None,
+    bfloat16: bool = False,
+) -> _Teacher:
+    """The teacher's activations on ``batch``; with ``bfloat16`` its forward pass runs under bfloat16
+    autocast and every stored activation is cast back to the teacher's own dtype."""
+    dtype = next(teacher.parameters()).dtype if bfloat16 else None
     calls: list[_Call | None] = [None] * len(blocks)
     hidden: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
-    handles = []
+    qk: list[list[torch.Tensor | None]] = [[None, None] for _ in blocks]
+    handles = [] if attention is None else attention.hook(blocks, qk)
 
     def pre(i: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if args:
-                calls[i] = _Call(_detach(tuple(args[1:])), _detach(dict(kwargs)), False)
-                hidden[i] = args[0].detach()
+                calls[i] = _Call(_detach(tuple(args[1:]), dtype), _detach(dict(kwargs), dtype), False)
+                hidden[i] = _detach(args[0], dtype)
             else:
                 kw = dict(kwargs)
-                hidden[i] = kw.pop("hidden_states").detach()
-                calls[i] = _Call((), _detach(kw), True)
+                hidden[i] = _detach(kw.pop("hidden_states"), dtype)
+                calls[i] = _Call((), _detach(kw, dtype), True)
 
         return hook
 
     def post(i: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden[i + 1] = _first(output).detach()
+            hidden[i + 1] = _detach(_first(output), dtype)
 
         return hook
 
@@ -474,7 +632,8 @@ def _run_teacher(teacher: nn.Module, blocks: nn.ModuleList, batch: dict[str, tor
         handles.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(b.register_forward_hook(post(i)))
     try:
-        out = _first(teacher(**batch))
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bfloat16):
+            out = _detach(_first(teacher(**batch)), dtype)
     finally:
         for h in handles:
             h.remove()
@@ -482,11 +641,14 @@ def _run_teacher(teacher: nn.Module, blocks: nn.ModuleList, batch: dict[str, tor
         raise SparsefitError(
             "not every transformer block ran in the teacher's forward pass; name the blocks with blocks="
         )
+    mask = batch["attention_mask"]
+    maps = [] if attention is None else [attention.logprobs(_detach(q, dtype), _detach(k, dtype), mask) for q, k in qk]
     return _Teacher(
         [h for h in hidden if h is not None],
         [c for c in calls if c is not None],
-        out.detach(),
-        pool(out, batch["attention_mask"]).detach(),
+        out,
+        pool(out, mask),
+        maps,
     )
 
 
@@ -570,6 +732,7 @@ def distill(
     if not isinstance(s_blocks, nn.ModuleList) or len(s_blocks) != len(t_blocks):
         raise SparsefitError(f"student and teacher differ in their blocks {blocks_path!r}")
     params = trainable_parameters(teacher, student, config, blocks_path)
+    attention = find_attention(teacher, t_blocks, config.attention_weight)
     prefix = f"{blocks_path}." if blocks_path else ""
     by_block: list[list[str]] = [[] for _ in s_blocks]
     for name in params:
@@ -583,6 +746,7 @@ def distill(
         stages.append(("e2e", None, int(config.steps)))
     total = sum(s[2] for s in stages)
     device = next(iter(params.values())).device
+    low_precision = teacher_bfloat16(config, device)
 
     was_training = (teacher.training, student.training)
     grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
@@ -608,7 +772,7 @@ def distill(
         nonlocal used
         if bi in cache:
             return cache[bi]
-        t = _run_teacher(teacher, t_blocks, train_data[bi])
+        t = _run_teacher(teacher, t_blocks, train_data[bi], attention, low_precision)
         size = t.nbytes()
         if used + size <= budget:
             cache[bi] = t
@@ -705,10 +869,8 @@ def distill(
         while stage_i < len(stages):
             kind, block, n_steps = stages[stage_i]
             names = by_block[block] if kind == "layer" else list(params)
-            opt = torch.optim.Adam(
-                [{"params": [params[n]], "lr": config.lr * scales[n], "base": config.lr * scales[n]} for n in names],
-                betas=(0.9, 0.999),
-                eps=1e-10,
+            opt = _adam(
+                [{"params": [params[n]], "lr": config.lr * scales[n], "base": config.lr * scales[n]} for n in names]
             )
             if opt_state is not None:
                 opt.load_state_dict(opt_state)
@@ -720,7 +882,7 @@ def distill(
                 if token_pool is not None and kind == "e2e":
                     # a fresh variant of the batch each step (seeded by the step: resumable, same bytes)
                     batch = _augment(train_data[bi], token_pool, config.augment, (config.seed, stage_i, step_i))
-                    t = _run_teacher(teacher, t_blocks, batch)
+                    t = _run_teacher(teacher, t_blocks, batch, attention, low_precision)
                 else:
                     t = teacher_for(bi)
                     batch = train_data[bi]
@@ -739,10 +901,9 @@ def distill(
                             hidden = t.hidden[0]
                             for b in range(block):
                                 hidden = t.calls[b](s_blocks[b], hidden)
-                    out = t.calls[block](s_blocks[block], hidden)
-                    loss = _rel_mse(out, t.hidden[block + 1], batch["attention_mask"])
+                    loss = _layer_loss(s_blocks, block, hidden, t, batch["attention_mask"], config, attention)
                 else:
-                    loss = _e2e_loss(student, s_blocks, batch, t, config)
+                    loss = _e2e_loss(student, s_blocks, batch, t, config, attention)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -796,6 +957,8 @@ def distill(
         trained_modules=len(replaced_modules(teacher, student)),
         cached_batches=len(cache),
         batches=len(train_batches),
+        attention_weight=0.0 if attention is None else attention.weight,
+        teacher_dtype="bfloat16" if low_precision else "float32",
         history=history,
     )
     _emit(callbacks, "on_end", report)
@@ -835,11 +998,54 @@ def _augment(
     return {**batch, "input_ids": torch.where(hit, new, ids)}
 
 
+def _adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
+    """Adam over ``groups``: the fused implementation (one pass over all tensors: 2.5× faster than
+    the per-tensor loop for MiniLM's 5.3M trained parameters on 2 CPU cores) where this torch build
+    has it for the parameters' device, else the default one."""
+    kwargs: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-10}
+    try:
+        return torch.optim.Adam(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # no fused Adam for this device or torch version
+        return torch.optim.Adam(groups, **kwargs)
+
+
+def _layer_loss(
+    s_blocks: nn.ModuleList,
+    block: int,
+    hidden: torch.Tensor,
+    t: _Teacher,
+    mask: torch.Tensor,
+    config: DistillConfig,
+    attention: _Attention | None,
+) -> torch.Tensor:
+    """Block ``block`` of the student on ``hidden`` against the teacher's output of that block (and
+    its attention map when ``attention`` is set)."""
+    qk: list[list[torch.Tensor | None]] = [[None, None] for _ in s_blocks]
+    handles = [] if attention is None else attention.hook(s_blocks, qk)
+    try:
+        out = t.calls[block](s_blocks[block], hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    loss = _rel_mse(out, t.hidden[block + 1], mask)
+    if attention is not None:
+        q, k = qk[block]
+        kl = _attention_kl(attention.logprobs(q, k, mask), t.attention[block], mask)  # type: ignore[arg-type]
+        loss = loss + attention.weight * kl
+    return loss
+
+
 def _e2e_loss(
-    student: nn.Module, s_blocks: nn.ModuleList, batch: dict[str, torch.Tensor], t: _Teacher, config: DistillConfig
+    student: nn.Module,
+    s_blocks: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    t: _Teacher,
+    config: DistillConfig,
+    attention: _Attention | None = None,
 ) -> torch.Tensor:
     outs: list[torch.Tensor | None] = [None] * len(s_blocks)
-    handles = []
+    qk: list[list[torch.Tensor | None]] = [[None, None] for _ in s_blocks]
+    handles = [] if attention is None else attention.hook(s_blocks, qk)
 
     def post(i: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -861,6 +1067,11 @@ def _e2e_loss(
     if config.intermediate_weight > 0 and len(s_blocks) > 1:
         inter = [_rel_mse(o, t.hidden[i + 1], mask) for i, o in enumerate(outs[:-1]) if o is not None]
         loss = loss + config.intermediate_weight * torch.stack(inter).mean()
+    if attention is not None:
+        kl = [
+            _attention_kl(attention.logprobs(q, k, mask), tm, mask) for (q, k), tm in zip(qk, t.attention, strict=True)
+        ]  # type: ignore[arg-type]
+        loss = loss + attention.weight * torch.stack(kl).mean()
     return loss
 
 

@@ -81,8 +81,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.operator(x, backend=self.backend) if self.operator is not None else None
         if self.lowrank_u is not None:
-            low = (x @ self.lowrank_v.t()) @ self.lowrank_u.t()
-            y = low if y is None else y + low
+            # F.linear, not x @ V.t(): the same products, and the fast bfloat16 kernels under autocast
+            if y is None:
+                return nn.functional.linear(nn.functional.linear(x, self.lowrank_v), self.lowrank_u, self.bias)
+            y = y + nn.functional.linear(nn.functional.linear(x, self.lowrank_v), self.lowrank_u)
         assert y is not None
         return y + self.bias if self.bias is not None else y
 

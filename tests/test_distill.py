@@ -11,7 +11,19 @@ import torch
 from torch import nn
 
 from sparsefit import SparsefitError, SparseLinear
-from sparsefit.distill import DistillConfig, distill, make_batches, pool, split_samples
+from sparsefit.distill import (
+    AUTO_ATTENTION_WEIGHT,
+    DistillConfig,
+    _attention_kl,
+    _run_teacher,
+    distill,
+    find_attention,
+    find_blocks,
+    make_batches,
+    pool,
+    split_samples,
+    teacher_bfloat16,
+)
 from sparsefit.operator import GTilde
 
 transformers = pytest.importorskip("transformers")
@@ -82,7 +94,17 @@ def calibration(n: int = 40, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
-CFG = DistillConfig(steps=30, layer_steps=20, batch=8, lr=0.02, eval_every=10, checkpoint_every=10, val_fraction=0.2)
+# float32 targets everywhere but in the bfloat16 test: "auto" would pick bfloat16 on some CPUs only
+CFG = DistillConfig(
+    steps=30,
+    layer_steps=20,
+    batch=8,
+    lr=0.02,
+    eval_every=10,
+    checkpoint_every=10,
+    val_fraction=0.2,
+    teacher_dtype="float32",
+)
 
 
 def state_bytes(model: nn.Module) -> bytes:
@@ -301,6 +323,108 @@ def test_layer_stage_feeds_teacher_or_student_inputs(layer_inputs):
         torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_maps_are_the_models_own():
+    """The maps built from the query/key outputs are the attention probabilities the model uses
+    (padding masked), and a model compared with itself has zero attention KL."""
+    teacher = tiny_bert()
+    data = calibration(n=6)
+    _, blocks = find_blocks(teacher)
+    attention = find_attention(teacher, blocks)
+    assert attention.heads == 2 and attention.names[0] == ("attention.self.query", "attention.self.key")
+    t = _run_teacher(teacher, blocks, data, attention)
+    with torch.no_grad():
+        probs = teacher(**data, output_attentions=True).attentions
+    mask = data["attention_mask"]
+    keys = mask.bool()[:, None, None, :].expand_as(probs[0])
+    for mine, theirs in zip(t.attention, probs, strict=True):
+        assert mine.shape == theirs.shape == (6, 2, 12, 12)
+        torch.testing.assert_close(mine.exp()[keys], theirs[keys], rtol=1e-5, atol=1e-6)
+        assert float(mine.exp()[~keys].max()) == 0.0  # padded keys get no weight
+        assert float(_attention_kl(mine, mine, mask)) == 0.0
+    student = compressed(teacher)
+    other = _run_teacher(student, student.encoder.layer, data, attention)  # a student's maps differ
+    assert all(float(_attention_kl(s, m, mask)) > 0.0 for s, m in zip(other.attention, t.attention, strict=True))
+
+
+def test_attention_weight_pulls_the_students_maps_to_the_teachers():
+    teacher = tiny_bert()
+    data = calibration()
+    _, blocks = find_blocks(teacher)
+    attention = find_attention(teacher, blocks)
+
+    def kl(student):
+        t = _run_teacher(teacher, blocks, data, attention)
+        s = _run_teacher(student, student.encoder.layer, data, attention)
+        return sum(
+            float(_attention_kl(a, b, data["attention_mask"])) for a, b in zip(s.attention, t.attention, strict=True)
+        )
+
+    cfg = dataclasses.replace(CFG, layer_steps=0, steps=40)
+    plain, weighted = compressed(teacher), compressed(teacher)
+    start = kl(plain)
+    assert distill(teacher, plain, data, dataclasses.replace(cfg, attention_weight=0.0)).attention_weight == 0.0
+    report = distill(teacher, weighted, data, dataclasses.replace(cfg, attention_weight=5.0))
+    assert report.config["attention_weight"] == report.attention_weight == 5.0
+    assert kl(weighted) < min(start, kl(plain)), (start, kl(plain), kl(weighted))
+    again = compressed(teacher)
+    distill(teacher, again, data, dataclasses.replace(cfg, attention_weight=5.0))
+    assert state_bytes(again) == state_bytes(weighted)
+
+
+def test_attention_weight_needs_query_and_key_projections(monkeypatch):
+    """An explicit weight on a model without recognisable projections is an error; the default
+    (``None``) then leaves the attention term out, and distillation runs without it."""
+    teacher = tiny_bert()
+    assert find_attention(teacher, teacher.encoder.layer, None).weight == AUTO_ATTENTION_WEIGHT
+    assert find_attention(teacher, teacher.encoder.layer, 0.0) is None
+    renamed = copy.deepcopy(teacher)
+    for layer in renamed.encoder.layer:
+        layer.attention.self.query_proj = layer.attention.self.query  # an unknown name only
+        del layer.attention.self.query
+    with pytest.raises(SparsefitError, match="query/key"):
+        find_attention(renamed, renamed.encoder.layer, 1.0)
+    assert find_attention(renamed, renamed.encoder.layer, None) is None
+    no_heads = nn.Module()
+    with pytest.raises(SparsefitError, match="num_attention_heads"):
+        find_attention(no_heads, teacher.encoder.layer, 1.0)
+    assert find_attention(no_heads, teacher.encoder.layer, None) is None
+    # the default on a model whose attention it cannot read: distils, without the term
+    student = compressed(teacher)
+    monkeypatch.setattr("sparsefit.distill._QK_NAMES", (("q_lin", "k_lin"),))
+    report = distill(teacher, student, calibration(), dataclasses.replace(CFG, steps=5, layer_steps=2))
+    assert report.attention_weight == 0.0 and report.config["attention_weight"] is None
+
+
+def test_bfloat16_teacher_targets_are_float32_and_close(monkeypatch):
+    teacher = tiny_bert()
+    data = calibration()
+    _, blocks = find_blocks(teacher)
+    attention = find_attention(teacher, blocks)
+    exact = _run_teacher(teacher, blocks, data, attention)
+    low = _run_teacher(teacher, blocks, data, attention, bfloat16=True)
+    torch.testing.assert_close(low.hidden[0], exact.hidden[0])  # the embeddings: no matrix product yet
+    pairs = [*zip(exact.hidden[1:], low.hidden[1:], strict=True), (exact.final, low.final), (exact.pooled, low.pooled)]
+    for a, b in pairs:
+        assert b.dtype == torch.float32 and not torch.equal(a, b)  # really computed in bfloat16
+        assert float((a - b).norm() / a.norm()) < 0.03
+    for a, b in zip(exact.attention, low.attention, strict=True):
+        assert b.dtype == torch.float32 and float(_attention_kl(b, a, data["attention_mask"])) < 1e-3
+    # distillation with bfloat16 targets still trains, and says which precision it used
+    student = compressed(teacher, sparse=True)
+    before = hidden_loss(teacher, student, data)
+    report = distill(teacher, student, data, dataclasses.replace(CFG, teacher_dtype="bfloat16"))
+    assert report.teacher_dtype == "bfloat16" and hidden_loss(teacher, student, data) < 0.5 * before
+    # auto: bfloat16 only where the CPU multiplies it natively
+    cpu = torch.device("cpu")
+    auto = DistillConfig(teacher_dtype="auto")
+    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
+    assert not teacher_bfloat16(auto, cpu) and teacher_bfloat16(
+        dataclasses.replace(auto, teacher_dtype="bfloat16"), cpu
+    )
+    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert teacher_bfloat16(auto, cpu) and not teacher_bfloat16(dataclasses.replace(auto, teacher_dtype="float32"), cpu)
+
+
 @pytest.mark.parametrize("train_dense", [True, False])
 def test_train_dense_trains_the_kept_dense_linears(train_dense):
     teacher = tiny_bert()
@@ -329,9 +453,14 @@ def test_train_dense_trains_the_kept_dense_linears(train_dense):
         {"val_fraction": 0.7},
         {"eval_every": 0},
         {"pooled_weight": -1.0},
+        {"pooled_weight": -0.5},
+        {"cache_mb": -0.5},
         {"augment": 1.0},
         {"augment": -0.1},
         {"layer_inputs": "both"},
+        {"attention_weight": -0.5},
+        {"teacher_dtype": "float16"},
+        {"attention_weight": float("inf")},
     ],
     ids=lambda d: next(iter(d)),
 )
