@@ -40,6 +40,7 @@ from sparsefit.distill import (
     find_blocks,
     make_batches,
     tokenize,
+    train_only,
     trainable_parameters,
 )
 from sparsefit.fileformat import save_text
@@ -78,12 +79,7 @@ def main() -> None:
     s_blocks = student.get_submodule(path)
     attention = find_attention(teacher, t_blocks, cfg.attention_weight)
     params = trainable_parameters(teacher, student, cfg, path)
-    teacher.eval()
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    train_only(teacher, student, params)
     groups = [{"params": [p], "lr": 1e-6} for p in params.values()]  # tiny steps: the model stays put
     adams = {
         "adam_per_tensor": torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-10, foreach=False),

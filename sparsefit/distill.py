@@ -750,12 +750,7 @@ def distill(
 
     was_training = (teacher.training, student.training)
     grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
-    teacher.eval()
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    train_only(teacher, student, params)
     # step sizes relative to each tensor's starting RMS (floored so zero-initialised biases move)
     scales = {n: max(float(p.detach().double().square().mean().sqrt()), 1e-3) for n, p in params.items()}
 
@@ -996,6 +991,16 @@ def _augment(
     hit = (torch.rand(ids.shape, generator=g) < fraction).to(ids.device) & _inner_mask(batch["attention_mask"])
     new = pool[torch.randint(pool.numel(), ids.shape, generator=g)].to(ids.device)
     return {**batch, "input_ids": torch.where(hit, new, ids)}
+
+
+def train_only(teacher: nn.Module, student: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+    """Both models in eval mode (no dropout), gradients for ``params`` only."""
+    teacher.eval()
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
 
 
 def _adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
