@@ -133,12 +133,13 @@ def _emit(callbacks: Sequence[Any], name: str, *args: Any) -> None:
 class ExactProbes:
     """The scaled identity ``x = √k·I`` every step (``E[x xᵀ] = I`` as for N(0, I) probes, so the
     loss has the same scale): the loss is exactly ``||G~ − A||²_F / out``, with no probe noise.
-    ``t`` is computed once."""
+    ``t`` is computed once, and made contiguous once (a sparse target's product is a transposed
+    view, which the fused step would otherwise copy every step)."""
 
     def __init__(self, tgt: Target, device: torch.device, dtype: torch.dtype) -> None:
         k = tgt.in_features
         self.x = torch.eye(k, device=device, dtype=dtype) * math.sqrt(k)
-        self.t = tgt.matmat(self.x)
+        self.t = tgt.matmat(self.x).contiguous()
         self.timings: dict[str, float] = {}
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
