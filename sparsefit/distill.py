@@ -41,6 +41,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -123,8 +124,8 @@ class DistillConfig(VersionedConfig):
     ``"bfloat16"`` (autocast; the targets are stored as float32), ``"float32"``, or ``"auto"``:
     bfloat16 where the hardware multiplies bfloat16 natively (a CUDA device that supports it, a CPU
     with AVX512-BF16 or AMX), else float32. On all-MiniLM-L6-v2 the bfloat16 teacher's pooled
-    embeddings keep cosine ≥ 0.9999 to the float32 ones and its forward pass is 1.7× faster on a
-    2-core AVX512-BF16 CPU. The validation metric always uses the float32 teacher.
+    embeddings keep cosine ≥ 0.9999 to the float32 ones and its forward pass is about 1.35× faster
+    on a 2-core AVX512-BF16 CPU (``benchmarks/bench_distill_step.py``). The validation metric always uses the float32 teacher.
     blocks: dotted name of the module list holding the transformer blocks (``None``: detected).
     """
 
@@ -520,20 +521,11 @@ class _Attention:
     heads: int
     weight: float
 
-    def hook(self, blocks: nn.ModuleList, store: list[list[torch.Tensor | None]]) -> list[Any]:
-        """Forward hooks that put block ``i``'s query and key outputs into ``store[i]``."""
-
-        def keep(i: int, j: int):
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                store[i][j] = _first(output)
-
-            return hook
-
-        return [
-            blocks[i].get_submodule(name).register_forward_hook(keep(i, j))
-            for i, pair in enumerate(self.names)
-            for j, name in enumerate(pair)
-        ]
+    def kl(self, qk: Sequence[torch.Tensor | None], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The weighted term for one block: its captured ``(q, k)`` against the teacher's log map."""
+        q, k = qk
+        assert q is not None and k is not None
+        return self.weight * _attention_kl(self.logprobs(q, k, mask), target, mask)
 
     def logprobs(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, T, D)`` queries and keys -> ``(B, heads, T, T)`` log attention probabilities."""
@@ -546,6 +538,30 @@ class _Attention:
         return torch.log_softmax(scores, dim=-1)
 
 
+@contextlib.contextmanager
+def _captured(attention: _Attention | None, blocks: nn.ModuleList, only: int | None = None):
+    """Within the block, ``store[i]`` receives block ``i``'s query and key outputs (every block, or
+    block ``only``); nothing is hooked when ``attention`` is None."""
+    store: list[list[torch.Tensor | None]] = [[None, None] for _ in blocks]
+
+    def keep(i: int, j: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            store[i][j] = _first(output)
+
+        return hook
+
+    handles = []
+    if attention is not None:
+        for i, pair in enumerate(attention.names):
+            if only is None or i == only:
+                handles += [blocks[i].get_submodule(n).register_forward_hook(keep(i, j)) for j, n in enumerate(pair)]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
 #: Leaf names of the query and key projections, per model family.
 _QK_NAMES = (("query", "key"), ("q_proj", "k_proj"))
 
@@ -556,7 +572,7 @@ def find_attention(
     """The query/key projections of every block and the head count for ``attention_weight``
     (:attr:`DistillConfig.attention_weight`): ``None`` when the weight is 0, or when it is ``None``
     (auto) and the model lacks them; an error when an explicit weight > 0 cannot be applied."""
-    if weight is not None and weight == 0:
+    if weight == 0:
         return None
     heads = getattr(getattr(teacher, "config", None), "num_attention_heads", None)
     if not isinstance(heads, int) or heads < 1:
@@ -607,8 +623,7 @@ def _run_teacher(
     dtype = next(teacher.parameters()).dtype if bfloat16 else None
     calls: list[_Call | None] = [None] * len(blocks)
     hidden: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
-    qk: list[list[torch.Tensor | None]] = [[None, None] for _ in blocks]
-    handles = [] if attention is None else attention.hook(blocks, qk)
+    handles = []
 
     def pre(i: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -632,7 +647,10 @@ def _run_teacher(
         handles.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(b.register_forward_hook(post(i)))
     try:
-        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        with (
+            _captured(attention, blocks) as qk,
+            torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bfloat16),
+        ):
             out = _detach(_first(teacher(**batch)), dtype)
     finally:
         for h in handles:
@@ -642,7 +660,7 @@ def _run_teacher(
             "not every transformer block ran in the teacher's forward pass; name the blocks with blocks="
         )
     mask = batch["attention_mask"]
-    maps = [] if attention is None else [attention.logprobs(_detach(q, dtype), _detach(k, dtype), mask) for q, k in qk]
+    maps = [] if attention is None else [attention.logprobs(*_detach(pair, dtype), mask) for pair in qk]
     return _Teacher(
         [h for h in hidden if h is not None],
         [c for c in calls if c is not None],
@@ -1004,9 +1022,10 @@ def train_only(teacher: nn.Module, student: nn.Module, params: Mapping[str, nn.P
 
 
 def _adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
-    """Adam over ``groups``: the fused implementation (one pass over all tensors: 2.5× faster than
-    the per-tensor loop for MiniLM's 5.3M trained parameters on 2 CPU cores) where this torch build
-    has it for the parameters' device, else the default one."""
+    """Adam over ``groups``: the fused implementation (one pass over all tensors: about 2× faster
+    than the per-tensor loop for MiniLM's 5.3M trained parameters on 2 CPU cores,
+    ``benchmarks/bench_distill_step.py``) where this torch build has it for the parameters' device,
+    else the default one."""
     kwargs: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-10}
     try:
         return torch.optim.Adam(groups, fused=True, **kwargs)
@@ -1025,18 +1044,11 @@ def _layer_loss(
 ) -> torch.Tensor:
     """Block ``block`` of the student on ``hidden`` against the teacher's output of that block (and
     its attention map when ``attention`` is set)."""
-    qk: list[list[torch.Tensor | None]] = [[None, None] for _ in s_blocks]
-    handles = [] if attention is None else attention.hook(s_blocks, qk)
-    try:
+    with _captured(attention, s_blocks, only=block) as qk:
         out = t.calls[block](s_blocks[block], hidden)
-    finally:
-        for h in handles:
-            h.remove()
     loss = _rel_mse(out, t.hidden[block + 1], mask)
     if attention is not None:
-        q, k = qk[block]
-        kl = _attention_kl(attention.logprobs(q, k, mask), t.attention[block], mask)  # type: ignore[arg-type]
-        loss = loss + attention.weight * kl
+        loss = loss + attention.kl(qk[block], t.attention[block], mask)
     return loss
 
 
@@ -1049,8 +1061,7 @@ def _e2e_loss(
     attention: _Attention | None = None,
 ) -> torch.Tensor:
     outs: list[torch.Tensor | None] = [None] * len(s_blocks)
-    qk: list[list[torch.Tensor | None]] = [[None, None] for _ in s_blocks]
-    handles = [] if attention is None else attention.hook(s_blocks, qk)
+    handles = []
 
     def post(i: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -1061,7 +1072,8 @@ def _e2e_loss(
     for i, b in enumerate(s_blocks):
         handles.append(b.register_forward_hook(post(i)))
     try:
-        last = _first(student(**batch))
+        with _captured(attention, s_blocks) as qk:
+            last = _first(student(**batch))
     finally:
         for h in handles:
             h.remove()
@@ -1073,10 +1085,8 @@ def _e2e_loss(
         inter = [_rel_mse(o, t.hidden[i + 1], mask) for i, o in enumerate(outs[:-1]) if o is not None]
         loss = loss + config.intermediate_weight * torch.stack(inter).mean()
     if attention is not None:
-        kl = [
-            _attention_kl(attention.logprobs(q, k, mask), tm, mask) for (q, k), tm in zip(qk, t.attention, strict=True)
-        ]  # type: ignore[arg-type]
-        loss = loss + attention.weight * torch.stack(kl).mean()
+        kl = [attention.kl(pair, tm, mask) for pair, tm in zip(qk, t.attention, strict=True)]
+        loss = loss + torch.stack(kl).mean()
     return loss
 
 

@@ -81,10 +81,13 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.operator(x, backend=self.backend) if self.operator is not None else None
         if self.lowrank_u is not None:
-            # F.linear, not x @ V.t(): the same products, and the fast bfloat16 kernels under autocast
+            # F.linear, not x @ V.t(): the same products, and the fast bfloat16 kernels under autocast;
+            # a purely low-rank layer adds its bias in the second product
+            bias = self.bias if y is None else None
+            low = nn.functional.linear(nn.functional.linear(x, self.lowrank_v), self.lowrank_u, bias)
             if y is None:
-                return nn.functional.linear(nn.functional.linear(x, self.lowrank_v), self.lowrank_u, self.bias)
-            y = y + nn.functional.linear(nn.functional.linear(x, self.lowrank_v), self.lowrank_u)
+                return low
+            y = y + low
         assert y is not None
         return y + self.bias if self.bias is not None else y
 
