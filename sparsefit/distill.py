@@ -57,6 +57,7 @@ from torch import nn
 
 from .config import VersionedConfig
 from .errors import SparsefitError
+from .kernels.bf16_linear import amx_bf16, bf16_linears, cpu_flags
 
 DISTILL_CONFIG_VERSION = 1
 STATE_FORMAT = "sparsefit.distill-state"
@@ -67,6 +68,9 @@ LAYER_INPUTS = ("teacher", "student")
 
 #: Choices of :attr:`DistillConfig.teacher_dtype`.
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+
+#: Accepted values of :attr:`DistillConfig.student_dtype`.
+STUDENT_DTYPES = TEACHER_DTYPES
 
 #: The attention-map weight used when ``attention_weight`` is ``None`` (``benchmarks/NOTES.md``,
 #: 2026-12-02, fourth part: +0.0007 cosine / +0.003 Spearman at 600 steps on all-MiniLM-L6-v2).
@@ -126,6 +130,12 @@ class DistillConfig(VersionedConfig):
     with AVX512-BF16 or AMX), else float32. On all-MiniLM-L6-v2 the bfloat16 teacher's pooled
     embeddings keep cosine ≥ 0.9999 to the float32 ones and its forward pass is about 1.35× faster
     on a 2-core AVX512-BF16 CPU (``benchmarks/bench_distill_step.py``). The validation metric always uses the float32 teacher.
+    student_dtype: the precision of the matrix products of the student's training steps:
+    ``"bfloat16"`` (the larger linears' products round their operands to bfloat16 and accumulate in
+    float32; parameters, activations, gradients and the optimiser stay float32; CPU only, see
+    :mod:`sparsefit.kernels.bf16_linear`), ``"float32"``, or ``"auto"``: bfloat16 on a CPU with
+    AMX-BF16, else float32. Default float32 until a measurement says otherwise. Validation always
+    runs in float32.
     blocks: dotted name of the module list holding the transformer blocks (``None``: detected).
     """
 
@@ -149,6 +159,7 @@ class DistillConfig(VersionedConfig):
     augment: float | None = None
     layer_inputs: str = "teacher"
     teacher_dtype: str = "auto"
+    student_dtype: str = "float32"
     blocks: str | None = None
 
     KIND: ClassVar[str] = "distillation config"
@@ -196,6 +207,10 @@ class DistillConfig(VersionedConfig):
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise SparsefitError(
                 f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}"
+            )
+        if self.student_dtype not in STUDENT_DTYPES:
+            raise SparsefitError(
+                f"student_dtype must be one of {', '.join(STUDENT_DTYPES)}, got {self.student_dtype!r}"
             )
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
@@ -275,6 +290,7 @@ class DistillReport:
     batches: int
     attention_weight: float = 0.0
     teacher_dtype: str = "float32"
+    student_dtype: str = "float32"
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -452,24 +468,22 @@ def _detach(x: Any, dtype: torch.dtype | None = None) -> Any:
     return x
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def teacher_bfloat16(config: DistillConfig, device: torch.device) -> bool:
     """Whether the teacher's target passes run in bfloat16 (:attr:`DistillConfig.teacher_dtype`)."""
     if config.teacher_dtype != "auto":
         return config.teacher_dtype == "bfloat16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def student_bfloat16(config: DistillConfig, device: torch.device) -> bool:
+    """Whether the student's training products run in bfloat16 (:attr:`DistillConfig.student_dtype`)."""
+    if config.student_dtype == "auto":
+        return device.type == "cpu" and amx_bf16()
+    if config.student_dtype == "bfloat16" and device.type != "cpu":
+        raise SparsefitError("student_dtype 'bfloat16' runs on the CPU only; use 'auto' or 'float32'")
+    return config.student_dtype == "bfloat16"
 
 
 @dataclass
@@ -481,7 +495,7 @@ class _Teacher:
     calls: list[_Call]
     final: torch.Tensor
     pooled: torch.Tensor
-    attention: list[torch.Tensor] = field(default_factory=list)
+    attention: list[_Map] = field(default_factory=list)
 
     def nbytes(self) -> int:
         seen: dict[int, int] = {}
@@ -502,7 +516,7 @@ class _Teacher:
             visit(c.args)
             visit(c.kwargs)
         visit(self.pooled)
-        visit(self.attention)
+        visit([(m.probs, m.entropy) for m in self.attention])
         return sum(seen.values())
 
 
@@ -510,6 +524,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention-masked mean over tokens: ``(B, T, H), (B, T) -> (B, H)``."""
     m = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class _Map:
+    """The teacher's attention distributions in one block: ``probs: (B, heads, T, T)`` (0 at padded
+    keys) and ``entropy``, their mean entropy over heads and real queries (the part of the KL
+    divergence that does not depend on the student)."""
+
+    probs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _query_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x: (B, heads, T)`` over heads and the queries the mask keeps."""
+    q = mask.to(x.dtype)[:, None, :]
+    return (x * q).sum() / (q.sum() * x.shape[1]).clamp(min=1.0)
 
 
 @dataclass(frozen=True)
@@ -521,21 +551,35 @@ class _Attention:
     heads: int
     weight: float
 
-    def kl(self, qk: Sequence[torch.Tensor | None], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The weighted term for one block: its captured ``(q, k)`` against the teacher's log map."""
+    def kl(self, qk: Sequence[torch.Tensor | None], target: _Map, mask: torch.Tensor) -> torch.Tensor:
+        """The weighted term for one block: KL(teacher ‖ student) of the maps, from the student's
+        captured ``(q, k)``. Written as cross-entropy minus the teacher's entropy, with
+        ``log p_s = s − logsumexp(s)``, so that the student's log-probabilities are never formed."""
         q, k = qk
         assert q is not None and k is not None
-        return self.weight * _attention_kl(self.logprobs(q, k, mask), target, mask)
+        s = self.scores(q, k, mask)
+        cross = torch.logsumexp(s, dim=-1) - (target.probs * s).sum(-1)
+        return self.weight * (_query_mean(cross, mask) - target.entropy)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D)`` queries and keys -> ``(B, heads, T, T)`` scaled scores, padded keys at the
+        dtype's lowest value (so their probability is exactly 0)."""
+        b, t, d = q.shape
+        dh = d // self.heads
+        qh = (q * (1.0 / math.sqrt(dh))).reshape(b, t, self.heads, dh).transpose(1, 2)
+        kh = k.reshape(b, k.shape[1], self.heads, dh).transpose(1, 2)
+        s = qh @ kh.transpose(-1, -2)
+        return s.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(s.dtype).min)
 
     def logprobs(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, T, D)`` queries and keys -> ``(B, heads, T, T)`` log attention probabilities."""
-        b, t, d = q.shape
-        dh = d // self.heads
-        qh = q.reshape(b, t, self.heads, dh).transpose(1, 2)
-        kh = k.reshape(b, k.shape[1], self.heads, dh).transpose(1, 2)
-        scores = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh))
-        scores = scores.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
-        return torch.log_softmax(scores, dim=-1)
+        return torch.log_softmax(self.scores(q, k, mask), dim=-1)
+
+    def target(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> _Map:
+        """The teacher's map of one block, ready for :meth:`kl`."""
+        logp = self.logprobs(q, k, mask)
+        p = logp.exp()
+        return _Map(p, _query_mean(-(p * logp).sum(-1), mask))
 
 
 @contextlib.contextmanager
@@ -602,14 +646,6 @@ def find_attention(
     return _Attention(names, heads, AUTO_ATTENTION_WEIGHT if weight is None else float(weight))
 
 
-def _attention_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) of ``(B, H, T, T)`` log attention maps, mean over heads and real queries."""
-    keys = mask.bool()[:, None, None, :]
-    kl = torch.where(keys, t.exp() * (t - s), torch.zeros((), dtype=s.dtype)).sum(-1)  # (B, H, T)
-    q = mask.to(s.dtype)[:, None, :]
-    return (kl * q).sum() / (q.sum() * s.shape[1]).clamp(min=1.0)
-
-
 @torch.no_grad()
 def _run_teacher(
     teacher: nn.Module,
@@ -660,7 +696,7 @@ def _run_teacher(
             "not every transformer block ran in the teacher's forward pass; name the blocks with blocks="
         )
     mask = batch["attention_mask"]
-    maps = [] if attention is None else [attention.logprobs(*_detach(pair, dtype), mask) for pair in qk]
+    maps = [] if attention is None else [attention.target(*_detach(pair, dtype), mask) for pair in qk]
     return _Teacher(
         [h for h in hidden if h is not None],
         [c for c in calls if c is not None],
@@ -765,6 +801,7 @@ def distill(
     total = sum(s[2] for s in stages)
     device = next(iter(params.values())).device
     low_precision = teacher_bfloat16(config, device)
+    student_low = student_bfloat16(config, device)
 
     was_training = (teacher.training, student.training)
     grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
@@ -914,9 +951,11 @@ def distill(
                             hidden = t.hidden[0]
                             for b in range(block):
                                 hidden = t.calls[b](s_blocks[b], hidden)
-                    loss = _layer_loss(s_blocks, block, hidden, t, batch["attention_mask"], config, attention)
+                    with bf16_linears() if student_low else contextlib.nullcontext():
+                        loss = _layer_loss(s_blocks, block, hidden, t, batch["attention_mask"], config, attention)
                 else:
-                    loss = _e2e_loss(student, s_blocks, batch, t, config, attention)
+                    with bf16_linears() if student_low else contextlib.nullcontext():
+                        loss = _e2e_loss(student, s_blocks, batch, t, config, attention)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -972,6 +1011,7 @@ def distill(
         batches=len(train_batches),
         attention_weight=0.0 if attention is None else attention.weight,
         teacher_dtype="bfloat16" if low_precision else "float32",
+        student_dtype="bfloat16" if student_low else "float32",
         history=history,
     )
     _emit(callbacks, "on_end", report)

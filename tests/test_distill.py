@@ -14,7 +14,8 @@ from sparsefit import SparsefitError, SparseLinear
 from sparsefit.distill import (
     AUTO_ATTENTION_WEIGHT,
     DistillConfig,
-    _attention_kl,
+    _Attention,
+    _Map,
     _run_teacher,
     distill,
     find_attention,
@@ -22,6 +23,7 @@ from sparsefit.distill import (
     make_batches,
     pool,
     split_samples,
+    student_bfloat16,
     teacher_bfloat16,
 )
 from sparsefit.operator import GTilde
@@ -104,6 +106,7 @@ CFG = DistillConfig(
     checkpoint_every=10,
     val_fraction=0.2,
     teacher_dtype="float32",
+    student_dtype="float32",
 )
 
 
@@ -337,13 +340,57 @@ def test_attention_maps_are_the_models_own():
     mask = data["attention_mask"]
     keys = mask.bool()[:, None, None, :].expand_as(probs[0])
     for mine, theirs in zip(t.attention, probs, strict=True):
-        assert mine.shape == theirs.shape == (6, 2, 12, 12)
-        torch.testing.assert_close(mine.exp()[keys], theirs[keys], rtol=1e-5, atol=1e-6)
-        assert float(mine.exp()[~keys].max()) == 0.0  # padded keys get no weight
-        assert float(_attention_kl(mine, mine, mask)) == 0.0
+        assert mine.probs.shape == theirs.shape == (6, 2, 12, 12)
+        torch.testing.assert_close(mine.probs[keys], theirs[keys], rtol=1e-5, atol=1e-6)
+        assert float(mine.probs[~keys].max()) == 0.0  # padded keys get no weight
     student = compressed(teacher)
     other = _run_teacher(student, student.encoder.layer, data, attention)  # a student's maps differ
-    assert all(float(_attention_kl(s, m, mask)) > 0.0 for s, m in zip(other.attention, t.attention, strict=True))
+    assert all(float(reference_kl(s, m, mask)) > 0.0 for s, m in zip(other.attention, t.attention, strict=True))
+
+
+def reference_kl(s, t, mask):
+    """KL(teacher ‖ student) of two blocks' maps, the plain way: from both log-probabilities."""
+    ls, lt = s.probs.log(), t.probs.log()
+    keys = mask.bool()[:, None, None, :]
+    kl = torch.where(keys, t.probs * (lt - ls), torch.zeros((), dtype=ls.dtype)).sum(-1)
+    q = mask.to(ls.dtype)[:, None, :]
+    return (kl * q).sum() / (q.sum() * ls.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_kl_is_the_plain_kl_divergence(dtype):
+    """The loss term (cross-entropy from the scores, minus the teacher's entropy) equals the KL
+    divergence computed from both maps' log-probabilities, on ragged padding and odd widths; it is
+    0 for identical maps, and its gradient is that of the plain formula."""
+    torch.manual_seed(0)
+    b, t, heads, dh = 5, 13, 3, 7
+    mask = torch.ones(b, t, dtype=torch.long)
+    for i, n in enumerate((13, 1, 6, 12, 9)):
+        mask[i, n:] = 0
+    att = _Attention([], heads, 2.5)
+    qt, kt, qs, ks = (torch.randn(b, t, heads * dh, dtype=dtype) for _ in range(4))
+    qs.requires_grad_(True)
+    target, same = att.target(qt, kt, mask), att.target(qs.detach(), ks, mask)
+    fast = att.kl((qs, ks), target, mask)
+    (g_fast,) = torch.autograd.grad(fast, qs)
+    ls = att.logprobs(qs, ks, mask)
+    keys = mask.bool()[:, None, None, :]
+    plain = 2.5 * reference_kl(_Map(ls.exp(), torch.zeros(())), target, mask)
+    (g_plain,) = torch.autograd.grad(
+        2.5
+        * (
+            torch.where(keys, target.probs * (target.probs.log() - ls), torch.zeros((), dtype=dtype)).sum(-1)
+            * mask[:, None, :]
+        ).sum()
+        / (mask.sum() * heads),
+        qs,
+    )
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    fast, plain = float(fast.detach()), float(plain.detach())
+    assert abs(fast - plain) <= tol * max(1.0, abs(plain))
+    torch.testing.assert_close(g_fast, g_plain, rtol=tol * 10, atol=tol)
+    assert abs(float(att.kl((qs, ks), same, mask).detach())) <= tol
+    assert fast > 0.0
 
 
 def test_attention_weight_pulls_the_students_maps_to_the_teachers():
@@ -356,7 +403,7 @@ def test_attention_weight_pulls_the_students_maps_to_the_teachers():
         t = _run_teacher(teacher, blocks, data, attention)
         s = _run_teacher(student, student.encoder.layer, data, attention)
         return sum(
-            float(_attention_kl(a, b, data["attention_mask"])) for a, b in zip(s.attention, t.attention, strict=True)
+            float(reference_kl(a, b, data["attention_mask"])) for a, b in zip(s.attention, t.attention, strict=True)
         )
 
     cfg = dataclasses.replace(CFG, layer_steps=0, steps=40)
@@ -408,7 +455,7 @@ def test_bfloat16_teacher_targets_are_float32_and_close(monkeypatch):
         assert b.dtype == torch.float32 and not torch.equal(a, b)  # really computed in bfloat16
         assert float((a - b).norm() / a.norm()) < 0.03
     for a, b in zip(exact.attention, low.attention, strict=True):
-        assert b.dtype == torch.float32 and float(_attention_kl(b, a, data["attention_mask"])) < 1e-3
+        assert b.probs.dtype == torch.float32 and float(reference_kl(b, a, data["attention_mask"])) < 1e-3
     # distillation with bfloat16 targets still trains, and says which precision it used
     student = compressed(teacher, sparse=True)
     before = hidden_loss(teacher, student, data)
@@ -417,12 +464,49 @@ def test_bfloat16_teacher_targets_are_float32_and_close(monkeypatch):
     # auto: bfloat16 only where the CPU multiplies it natively
     cpu = torch.device("cpu")
     auto = DistillConfig(teacher_dtype="auto")
-    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr("sparsefit.distill.cpu_flags", lambda: {"avx2", "avx512f"})
     assert not teacher_bfloat16(auto, cpu) and teacher_bfloat16(
         dataclasses.replace(auto, teacher_dtype="bfloat16"), cpu
     )
-    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr("sparsefit.distill.cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert teacher_bfloat16(auto, cpu) and not teacher_bfloat16(dataclasses.replace(auto, teacher_dtype="float32"), cpu)
+
+
+def test_bfloat16_student_products(monkeypatch):
+    """``student_dtype="bfloat16"`` routes the student's training products (not its validation) to
+    the bfloat16 kernel, still trains, gives the same bytes twice and says so; ``auto`` follows AMX."""
+    from sparsefit.kernels import bf16_linear
+
+    calls = []
+    real = bf16_linear.linear_bf16
+
+    def spy(x, w, b=None):
+        calls.append(torch.is_grad_enabled())
+        return real(x, w, b)
+
+    monkeypatch.setattr(bf16_linear, "linear_bf16", spy)
+    monkeypatch.setattr(bf16_linear, "MIN_WEIGHT_ELEMENTS", 1)  # the tiny model's layers are all small
+    teacher = tiny_bert()
+    data = calibration()
+    cfg = dataclasses.replace(CFG, student_dtype="bfloat16")
+    runs = []
+    for _ in range(2):
+        student = compressed(teacher, sparse=True)
+        before = hidden_loss(teacher, student, data)
+        report = distill(teacher, student, data, cfg)
+        assert report.student_dtype == "bfloat16" and hidden_loss(teacher, student, data) < 0.5 * before
+        runs.append(state_bytes(student))
+    assert runs[0] == runs[1]
+    assert calls and all(calls)  # training passes only
+    assert distill(teacher, compressed(teacher), data, CFG).student_dtype == "float32"
+    cpu = torch.device("cpu")
+    auto = DistillConfig(student_dtype="auto")
+    monkeypatch.setattr(bf16_linear, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert not student_bfloat16(auto, cpu)
+    monkeypatch.setattr(bf16_linear, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    assert student_bfloat16(auto, cpu) == torch.backends.mkldnn.is_available()
+    with pytest.raises(SparsefitError, match="CPU only"):
+        student_bfloat16(cfg, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("train_dense", [True, False])
@@ -460,6 +544,7 @@ def test_train_dense_trains_the_kept_dense_linears(train_dense):
         {"layer_inputs": "both"},
         {"attention_weight": -0.5},
         {"teacher_dtype": "float16"},
+        {"student_dtype": "half"},
         {"attention_weight": float("inf")},
     ],
     ids=lambda d: next(iter(d)),
