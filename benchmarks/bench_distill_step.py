@@ -3,10 +3,8 @@
 One process, the same batches for every variant, timed in turn batch by batch (min and median
 over the batches). Parts: the teacher's target pass in float32 and in bfloat16 autocast
 (``DistillConfig.teacher_dtype``; with the bfloat16 targets' agreement with the float32 ones), the
-student's forward + backward of the end-to-end loss in float32, with bfloat16 products for its
-larger linears (``DistillConfig.student_dtype="bfloat16"``, :mod:`sparsefit.kernels.bf16_linear`)
-and under whole-model bfloat16 autocast (not used by ``distill``: shown because it is the obvious
-thing to try), and the Adam
+student's forward + backward of the end-to-end loss in float32 and under whole-model bfloat16
+autocast (not used by ``distill``: shown because it is the obvious thing to try), and the Adam
 step with the per-tensor loop and with the fused implementation ``distill`` uses.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_distill_step.py K50 [--batches 40] [--json OUT]
@@ -46,7 +44,6 @@ from sparsefit.distill import (
     trainable_parameters,
 )
 from sparsefit.fileformat import save_text
-from sparsefit.kernels.bf16_linear import bf16_linears
 
 
 def cpu_name() -> str:
@@ -91,28 +88,10 @@ def main() -> None:
     rng = random.Random(0)
     chosen = [_gather(samples, batches[rng.randrange(len(batches))]) for _ in range(a.batches + 5)]
     times: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "teacher_float32",
-            "teacher_bfloat16",
-            "student_float32",
-            "student_bf16_products",
-            "student_autocast_bfloat16",
-            *adams,
-        )
+        k: [] for k in ("teacher_float32", "teacher_bfloat16", "student_float32", "student_autocast_bfloat16", *adams)
     }
     agree: list[float] = []
     rel: list[float] = []
-    # oneDNN compiles one kernel per product shape on first use: let every shape the timed batches
-    # need be compiled before timing (a real run compiles each once in thousands of steps)
-    for b in chosen:
-        with bf16_linears():
-            loss = _e2e_loss(
-                student, s_blocks, b, _run_teacher(teacher, t_blocks, b, attention, bfloat16=True), cfg, attention
-            )
-        loss.backward()
-    for p in params.values():
-        p.grad = None
     for i, b in enumerate(chosen):
         t0 = time.perf_counter()
         exact = _run_teacher(teacher, t_blocks, b, attention)
@@ -126,12 +105,8 @@ def main() -> None:
             loss = _e2e_loss(student, s_blocks, b, low, cfg, attention)
         loss.backward()
         t4 = time.perf_counter()
-        with bf16_linears():
-            loss = _e2e_loss(student, s_blocks, b, low, cfg, attention)
-        loss.backward()
-        t5 = time.perf_counter()
         parts = {"teacher_float32": t1 - t0, "teacher_bfloat16": t2 - t1}
-        parts.update(student_float32=t3 - t2, student_autocast_bfloat16=t4 - t3, student_bf16_products=t5 - t4)
+        parts.update(student_float32=t3 - t2, student_autocast_bfloat16=t4 - t3)
         for name, opt in adams.items():
             s = time.perf_counter()
             opt.step()

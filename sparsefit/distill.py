@@ -57,7 +57,6 @@ from torch import nn
 
 from .config import VersionedConfig
 from .errors import SparsefitError
-from .kernels.bf16_linear import amx_bf16, bf16_linears, cpu_flags
 
 DISTILL_CONFIG_VERSION = 1
 STATE_FORMAT = "sparsefit.distill-state"
@@ -68,9 +67,6 @@ LAYER_INPUTS = ("teacher", "student")
 
 #: Choices of :attr:`DistillConfig.teacher_dtype`.
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
-
-#: Accepted values of :attr:`DistillConfig.student_dtype`.
-STUDENT_DTYPES = TEACHER_DTYPES
 
 #: The attention-map weight used when ``attention_weight`` is ``None`` (``benchmarks/NOTES.md``,
 #: 2026-12-02, fourth part: +0.0007 cosine / +0.003 Spearman at 600 steps on all-MiniLM-L6-v2).
@@ -130,12 +126,6 @@ class DistillConfig(VersionedConfig):
     with AVX512-BF16 or AMX), else float32. On all-MiniLM-L6-v2 the bfloat16 teacher's pooled
     embeddings keep cosine ≥ 0.9999 to the float32 ones and its forward pass is about 1.35× faster
     on a 2-core AVX512-BF16 CPU (``benchmarks/bench_distill_step.py``). The validation metric always uses the float32 teacher.
-    student_dtype: the precision of the matrix products of the student's training steps:
-    ``"bfloat16"`` (the larger linears' products round their operands to bfloat16 and accumulate in
-    float32; parameters, activations, gradients and the optimiser stay float32; CPU only, see
-    :mod:`sparsefit.kernels.bf16_linear`), ``"float32"``, or ``"auto"``: bfloat16 on a CPU with
-    AMX-BF16, else float32. Default float32 until a measurement says otherwise. Validation always
-    runs in float32.
     blocks: dotted name of the module list holding the transformer blocks (``None``: detected).
     """
 
@@ -159,7 +149,6 @@ class DistillConfig(VersionedConfig):
     augment: float | None = None
     layer_inputs: str = "teacher"
     teacher_dtype: str = "auto"
-    student_dtype: str = "float32"
     blocks: str | None = None
 
     KIND: ClassVar[str] = "distillation config"
@@ -207,10 +196,6 @@ class DistillConfig(VersionedConfig):
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise SparsefitError(
                 f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}"
-            )
-        if self.student_dtype not in STUDENT_DTYPES:
-            raise SparsefitError(
-                f"student_dtype must be one of {', '.join(STUDENT_DTYPES)}, got {self.student_dtype!r}"
             )
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
@@ -290,7 +275,6 @@ class DistillReport:
     batches: int
     attention_weight: float = 0.0
     teacher_dtype: str = "float32"
-    student_dtype: str = "float32"
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -468,22 +452,24 @@ def _detach(x: Any, dtype: torch.dtype | None = None) -> Any:
     return x
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def teacher_bfloat16(config: DistillConfig, device: torch.device) -> bool:
     """Whether the teacher's target passes run in bfloat16 (:attr:`DistillConfig.teacher_dtype`)."""
     if config.teacher_dtype != "auto":
         return config.teacher_dtype == "bfloat16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def student_bfloat16(config: DistillConfig, device: torch.device) -> bool:
-    """Whether the student's training products run in bfloat16 (:attr:`DistillConfig.student_dtype`)."""
-    if config.student_dtype == "auto":
-        return device.type == "cpu" and amx_bf16()
-    if config.student_dtype == "bfloat16" and device.type != "cpu":
-        raise SparsefitError("student_dtype 'bfloat16' runs on the CPU only; use 'auto' or 'float32'")
-    return config.student_dtype == "bfloat16"
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 @dataclass
@@ -801,7 +787,6 @@ def distill(
     total = sum(s[2] for s in stages)
     device = next(iter(params.values())).device
     low_precision = teacher_bfloat16(config, device)
-    student_low = student_bfloat16(config, device)
 
     was_training = (teacher.training, student.training)
     grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
@@ -951,11 +936,9 @@ def distill(
                             hidden = t.hidden[0]
                             for b in range(block):
                                 hidden = t.calls[b](s_blocks[b], hidden)
-                    with bf16_linears() if student_low else contextlib.nullcontext():
-                        loss = _layer_loss(s_blocks, block, hidden, t, batch["attention_mask"], config, attention)
+                    loss = _layer_loss(s_blocks, block, hidden, t, batch["attention_mask"], config, attention)
                 else:
-                    with bf16_linears() if student_low else contextlib.nullcontext():
-                        loss = _e2e_loss(student, s_blocks, batch, t, config, attention)
+                    loss = _e2e_loss(student, s_blocks, batch, t, config, attention)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -1011,7 +994,6 @@ def distill(
         batches=len(train_batches),
         attention_weight=0.0 if attention is None else attention.weight,
         teacher_dtype="bfloat16" if low_precision else "float32",
-        student_dtype="bfloat16" if student_low else "float32",
         history=history,
     )
     _emit(callbacks, "on_end", report)

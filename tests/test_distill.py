@@ -23,7 +23,6 @@ from sparsefit.distill import (
     make_batches,
     pool,
     split_samples,
-    student_bfloat16,
     teacher_bfloat16,
 )
 from sparsefit.operator import GTilde
@@ -106,7 +105,6 @@ CFG = DistillConfig(
     checkpoint_every=10,
     val_fraction=0.2,
     teacher_dtype="float32",
-    student_dtype="float32",
 )
 
 
@@ -464,49 +462,12 @@ def test_bfloat16_teacher_targets_are_float32_and_close(monkeypatch):
     # auto: bfloat16 only where the CPU multiplies it natively
     cpu = torch.device("cpu")
     auto = DistillConfig(teacher_dtype="auto")
-    monkeypatch.setattr("sparsefit.distill.cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
     assert not teacher_bfloat16(auto, cpu) and teacher_bfloat16(
         dataclasses.replace(auto, teacher_dtype="bfloat16"), cpu
     )
-    monkeypatch.setattr("sparsefit.distill.cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert teacher_bfloat16(auto, cpu) and not teacher_bfloat16(dataclasses.replace(auto, teacher_dtype="float32"), cpu)
-
-
-def test_bfloat16_student_products(monkeypatch):
-    """``student_dtype="bfloat16"`` routes the student's training products (not its validation) to
-    the bfloat16 kernel, still trains, gives the same bytes twice and says so; ``auto`` follows AMX."""
-    from sparsefit.kernels import bf16_linear
-
-    calls = []
-    real = bf16_linear.linear_bf16
-
-    def spy(x, w, b=None):
-        calls.append(torch.is_grad_enabled())
-        return real(x, w, b)
-
-    monkeypatch.setattr(bf16_linear, "linear_bf16", spy)
-    monkeypatch.setattr(bf16_linear, "MIN_WEIGHT_ELEMENTS", 1)  # the tiny model's layers are all small
-    teacher = tiny_bert()
-    data = calibration()
-    cfg = dataclasses.replace(CFG, student_dtype="bfloat16")
-    runs = []
-    for _ in range(2):
-        student = compressed(teacher, sparse=True)
-        before = hidden_loss(teacher, student, data)
-        report = distill(teacher, student, data, cfg)
-        assert report.student_dtype == "bfloat16" and hidden_loss(teacher, student, data) < 0.5 * before
-        runs.append(state_bytes(student))
-    assert runs[0] == runs[1]
-    assert calls and all(calls)  # training passes only
-    assert distill(teacher, compressed(teacher), data, CFG).student_dtype == "float32"
-    cpu = torch.device("cpu")
-    auto = DistillConfig(student_dtype="auto")
-    monkeypatch.setattr(bf16_linear, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    assert not student_bfloat16(auto, cpu)
-    monkeypatch.setattr(bf16_linear, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
-    assert student_bfloat16(auto, cpu) == torch.backends.mkldnn.is_available()
-    with pytest.raises(SparsefitError, match="CPU only"):
-        student_bfloat16(cfg, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("train_dense", [True, False])
@@ -544,7 +505,6 @@ def test_train_dense_trains_the_kept_dense_linears(train_dense):
         {"layer_inputs": "both"},
         {"attention_weight": -0.5},
         {"teacher_dtype": "float16"},
-        {"student_dtype": "half"},
         {"attention_weight": float("inf")},
     ],
     ids=lambda d: next(iter(d)),
