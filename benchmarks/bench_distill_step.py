@@ -3,9 +3,12 @@
 One process, the same batches for every variant, timed in turn batch by batch (min and median
 over the batches). Parts: the teacher's target pass in float32 and in bfloat16 autocast
 (``DistillConfig.teacher_dtype``; with the bfloat16 targets' agreement with the float32 ones), the
-student's forward + backward of the end-to-end loss in float32 and under whole-model bfloat16
-autocast (not used by ``distill``: shown because it is the obvious thing to try), and the Adam
-step with the per-tensor loop and with the fused implementation ``distill`` uses.
+student's forward + backward of the end-to-end loss in float32, with bfloat16 products as
+``distill`` runs them (``DistillConfig.student_dtype``: autocast, attention in float32) and under
+whole-model bfloat16 autocast (attention included; not used by ``distill``: shown because it is
+the obvious thing to try), and the Adam step with the per-tensor loop and with the fused
+implementation ``distill`` uses. Batches are cut to widths rounded up to
+``BF16_WIDTH_MULTIPLE`` tokens, as ``distill`` does where a pass runs in bfloat16.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_distill_step.py K50 [--batches 40] [--json OUT]
 
@@ -31,6 +34,7 @@ from sparsefit.compress.calibrate import distillation_samples
 from sparsefit.compress.hf import empty_model, load_model
 from sparsefit.compress.load import load_compressed
 from sparsefit.distill import (
+    BF16_WIDTH_MULTIPLE,
     DistillConfig,
     _adam,
     _e2e_loss,
@@ -39,6 +43,7 @@ from sparsefit.distill import (
     find_attention,
     find_blocks,
     make_batches,
+    student_bfloat16,
     tokenize,
     train_only,
     trainable_parameters,
@@ -86,27 +91,29 @@ def main() -> None:
         "adam_fused": _adam([{"params": [p], "lr": 1e-6} for p in params.values()]),
     }
     rng = random.Random(0)
-    chosen = [_gather(samples, batches[rng.randrange(len(batches))]) for _ in range(a.batches + 5)]
-    times: dict[str, list[float]] = {
-        k: [] for k in ("teacher_float32", "teacher_bfloat16", "student_float32", "student_autocast_bfloat16", *adams)
-    }
+    chosen = [
+        _gather(samples, batches[rng.randrange(len(batches))], BF16_WIDTH_MULTIPLE) for _ in range(a.batches + 5)
+    ]
+    students = ("student_float32", "student_bfloat16", "student_autocast_bfloat16")
+    times: dict[str, list[float]] = {k: [] for k in ("teacher_float32", "teacher_bfloat16", *students, *adams)}
     agree: list[float] = []
     rel: list[float] = []
+    loss_rel: list[float] = []
     for i, b in enumerate(chosen):
         t0 = time.perf_counter()
         exact = _run_teacher(teacher, t_blocks, b, attention)
         t1 = time.perf_counter()
         low = _run_teacher(teacher, t_blocks, b, attention, bfloat16=True)
         t2 = time.perf_counter()
-        loss = _e2e_loss(student, s_blocks, b, low, cfg, attention)
-        loss.backward()
-        t3 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = _e2e_loss(student, s_blocks, b, low, cfg, attention)
-        loss.backward()
-        t4 = time.perf_counter()
         parts = {"teacher_float32": t1 - t0, "teacher_bfloat16": t2 - t1}
-        parts.update(student_float32=t3 - t2, student_autocast_bfloat16=t4 - t3)
+        losses: dict[str, float] = {}
+        for name in students:
+            s = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "student_autocast_bfloat16"):
+                loss = _e2e_loss(student, s_blocks, b, low, cfg, attention, bfloat16=name == "student_bfloat16")
+            loss.backward()
+            parts[name] = time.perf_counter() - s
+            losses[name] = float(loss.detach())
         for name, opt in adams.items():
             s = time.perf_counter()
             opt.step()
@@ -119,6 +126,7 @@ def main() -> None:
             cos = torch.nn.functional.cosine_similarity(exact.pooled, low.pooled, dim=-1)
             agree.append(float(cos.min()))
             rel.append(float((exact.final - low.final).norm() / exact.final.norm()))
+            loss_rel.append(abs(losses["student_bfloat16"] / losses["student_float32"] - 1))
     rows = {k: {"min_ms": 1e3 * min(v), "median_ms": 1e3 * statistics.median(v)} for k, v in times.items()}
     print(f"distillation step parts, batch {cfg.batch}, {a.batches} batches, threads {torch.get_num_threads()}")
     print("part | min ms | median ms")
@@ -127,6 +135,7 @@ def main() -> None:
     print(
         f"bfloat16 targets: min pooled cosine to float32 {min(agree):.6f}, last hidden state rel. error ≤ {max(rel):.4f}"
     )
+    print(f"bfloat16-products student: loss within {max(loss_rel):.2e} (relative) of the float32 student's")
     gemm_share = None
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -135,7 +144,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for b in chosen[: a.profile]:
                 t = _run_teacher(teacher, t_blocks, b, attention, bfloat16=True)
-                loss = _e2e_loss(student, s_blocks, b, t, cfg, attention)
+                loss = _e2e_loss(student, s_blocks, b, t, cfg, attention, student_bfloat16(cfg, torch.device("cpu")))
                 fused.zero_grad(set_to_none=True)
                 loss.backward()
                 fused.step()
@@ -154,6 +163,7 @@ def main() -> None:
             "parts": rows,
             "bfloat16_pooled_cosine_min": min(agree),
             "bfloat16_final_rel_error_max": max(rel),
+            "bfloat16_student_loss_rel_diff_max": max(loss_rel),
             "trainable_params": sum(p.numel() for p in params.values()),
             "profiled_steps": a.profile,
             "matrix_product_share": gemm_share,

@@ -13,8 +13,9 @@ original) on calibration text, in two stages:
    4) and, where the model's query/key projections can be found, every block's attention maps
    (KL divergence, weight 4; also in stage 1).
 
-The teacher's target passes run in bfloat16 where the hardware multiplies it natively
-(``teacher_dtype="auto"``); the targets are stored in float32 and validation uses float32.
+Where the hardware multiplies bfloat16 natively, the teacher's target passes and the matrix products
+of the student's training steps run in bfloat16 (``teacher_dtype`` / ``student_dtype`` ``"auto"``);
+parameters, optimiser, losses, targets and validation stay float32.
 
 Padding never counts: every loss and pool is masked by the batch's ``attention_mask``. The
 teacher's activations are cached in memory up to ``cache_mb`` and computed on the fly beyond.
@@ -58,15 +59,20 @@ from torch import nn
 from .config import VersionedConfig
 from .errors import SparsefitError
 
-DISTILL_CONFIG_VERSION = 1
+DISTILL_CONFIG_VERSION = 2
 STATE_FORMAT = "sparsefit.distill-state"
 STATE_VERSION = 1
 
 #: Choices of :attr:`DistillConfig.layer_inputs`.
 LAYER_INPUTS = ("teacher", "student")
 
-#: Choices of :attr:`DistillConfig.teacher_dtype`.
+#: Choices of :attr:`DistillConfig.teacher_dtype` and :attr:`DistillConfig.student_dtype`.
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+STUDENT_DTYPES = TEACHER_DTYPES
+
+#: Where a pass runs in bfloat16, batch widths are rounded up to a multiple of this many tokens:
+#: oneDNN compiles a kernel per new matrix shape, and a width per batch made every step pay for it.
+BF16_WIDTH_MULTIPLE = 8
 
 #: The attention-map weight used when ``attention_weight`` is ``None`` (``benchmarks/NOTES.md``,
 #: 2026-12-02, fourth part: +0.0007 cosine / +0.003 Spearman at 600 steps on all-MiniLM-L6-v2).
@@ -126,6 +132,11 @@ class DistillConfig(VersionedConfig):
     with AVX512-BF16 or AMX), else float32. On all-MiniLM-L6-v2 the bfloat16 teacher's pooled
     embeddings keep cosine ≥ 0.9999 to the float32 ones and its forward pass is about 1.35× faster
     on a 2-core AVX512-BF16 CPU (``benchmarks/bench_distill_step.py``). The validation metric always uses the float32 teacher.
+    student_dtype: the precision of the student's matrix products in training steps: ``"bfloat16"``
+    (autocast around the student's forward pass; its attention, the losses, the parameters and
+    Adam stay float32), ``"float32"``, or ``"auto"``: the choice ``teacher_dtype="auto"`` makes.
+    Attention is kept in float32 on CPUs because there its bfloat16 backward pass is far slower
+    (``benchmarks/NOTES.md``, 2026-12-03).
     blocks: dotted name of the module list holding the transformer blocks (``None``: detected).
     """
 
@@ -149,6 +160,7 @@ class DistillConfig(VersionedConfig):
     augment: float | None = None
     layer_inputs: str = "teacher"
     teacher_dtype: str = "auto"
+    student_dtype: str = "auto"
     blocks: str | None = None
 
     KIND: ClassVar[str] = "distillation config"
@@ -197,8 +209,19 @@ class DistillConfig(VersionedConfig):
             raise SparsefitError(
                 f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}"
             )
+        if self.student_dtype not in STUDENT_DTYPES:
+            raise SparsefitError(
+                f"student_dtype must be one of {', '.join(STUDENT_DTYPES)}, got {self.student_dtype!r}"
+            )
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
+
+    @classmethod
+    def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
+        """Version 1 had no ``student_dtype``: its students trained in float32."""
+        if version < 2:
+            d.setdefault("student_dtype", "float32")
+        return d
 
     def resolved(self) -> DistillConfig:
         """The same config with ``steps``, ``layer_steps`` and ``augment`` made concrete."""
@@ -275,6 +298,7 @@ class DistillReport:
     batches: int
     attention_weight: float = 0.0
     teacher_dtype: str = "float32"
+    student_dtype: str = "float32"
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -330,9 +354,11 @@ def make_batches(indices: Sequence[int], lengths: torch.Tensor, batch: int) -> l
     return [order[i : i + batch] for i in range(0, len(order), batch)]
 
 
-def _gather(samples: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
+def _gather(samples: dict[str, torch.Tensor], idx: list[int], multiple: int = 1) -> dict[str, torch.Tensor]:
+    """The samples ``idx`` cut to their longest one, rounded up to ``multiple`` tokens."""
     rows = torch.tensor(idx)
     width = int(samples["attention_mask"][rows].sum(1).max())
+    width = min(-(-width // multiple) * multiple, samples["attention_mask"].shape[1])
     return {k: v[rows, :width].contiguous() for k, v in samples.items()}
 
 
@@ -463,13 +489,57 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (a CUDA device that supports it, a CPU with
+    AVX512-BF16 or AMX): what the ``"auto"`` precisions pick."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
 def teacher_bfloat16(config: DistillConfig, device: torch.device) -> bool:
     """Whether the teacher's target passes run in bfloat16 (:attr:`DistillConfig.teacher_dtype`)."""
     if config.teacher_dtype != "auto":
         return config.teacher_dtype == "bfloat16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return native_bfloat16(device)
+
+
+def student_bfloat16(config: DistillConfig, device: torch.device) -> bool:
+    """Whether the student's training products run in bfloat16 (:attr:`DistillConfig.student_dtype`)."""
+    if config.student_dtype != "auto":
+        return config.student_dtype == "bfloat16"
+    return native_bfloat16(device)
+
+
+class _Float32Attention(torch.overrides.TorchFunctionMode):
+    """Runs ``scaled_dot_product_attention`` in float32 inside a bfloat16 autocast region (CPU): its
+    bfloat16 backward pass took 19.4 ms a call against 1.3 ms in float32 (all-MiniLM-L6-v2, batch
+    32, torch 2.13, 2-core AMX Xeon; ``benchmarks/NOTES.md``, 2026-12-03)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is not nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+
+        def up(x: Any) -> Any:
+            return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+        with torch.autocast("cpu", enabled=False):
+            return func(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+
+@contextlib.contextmanager
+def _student_precision(bfloat16: bool, device: torch.device):
+    """The region of a student's training forward pass: bfloat16 autocast (attention in float32 on
+    CPUs, :class:`_Float32Attention`) when ``bfloat16``, else nothing."""
+    if not bfloat16:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        if device.type == "cpu":
+            stack.enter_context(_Float32Attention())
+        yield
 
 
 @dataclass
@@ -543,7 +613,7 @@ class _Attention:
         ``log p_s = s − logsumexp(s)``, so that the student's log-probabilities are never formed."""
         q, k = qk
         assert q is not None and k is not None
-        s = self.scores(q, k, mask)
+        s = self.scores(q.to(target.probs.dtype), k.to(target.probs.dtype), mask)
         cross = torch.logsumexp(s, dim=-1) - (target.probs * s).sum(-1)
         return self.weight * (_query_mean(cross, mask) - target.entropy)
 
@@ -693,7 +763,9 @@ def _run_teacher(
 
 
 def _rel_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum_valid ||s − t||² / sum_valid ||t||²`` over the tokens the mask keeps."""
+    """``sum_valid ||s − t||² / sum_valid ||t||²`` over the tokens the mask keeps (``s`` is cast to
+    ``t``'s dtype: a bfloat16-autocast student's outputs meet float32 targets)."""
+    s = s.to(t.dtype)
     m = mask.to(s.dtype).unsqueeze(-1)
     return ((s - t).square() * m).sum() / (t.square() * m).sum().clamp(min=1e-12)
 
@@ -787,6 +859,8 @@ def distill(
     total = sum(s[2] for s in stages)
     device = next(iter(params.values())).device
     low_precision = teacher_bfloat16(config, device)
+    low_student = student_bfloat16(config, device)
+    multiple = BF16_WIDTH_MULTIPLE if low_precision or low_student else 1
 
     was_training = (teacher.training, student.training)
     grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
@@ -797,14 +871,14 @@ def distill(
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
 
-    train_data = [to_dev(_gather(samples, b)) for b in train_batches]
+    train_data = [to_dev(_gather(samples, b, multiple)) for b in train_batches]
     token_pool = _inner_tokens(_gather(samples, train_idx)) if config.augment > 0 else None
     cache: dict[int, _Teacher] = {}
     budget = config.cache_mb * 2**20
-    used = 0
+    used = cached = 0
 
     def teacher_for(bi: int) -> _Teacher:
-        nonlocal used
+        nonlocal used, cached
         if bi in cache:
             return cache[bi]
         t = _run_teacher(teacher, t_blocks, train_data[bi], attention, low_precision)
@@ -812,6 +886,7 @@ def distill(
         if used + size <= budget:
             cache[bi] = t
             used += size
+            cached += 1
         return t
 
     val_data = [to_dev(_gather(samples, b)) for b in val_batches]
@@ -910,6 +985,8 @@ def distill(
             if opt_state is not None:
                 opt.load_state_dict(opt_state)
                 opt_state = None
+            if kind == "e2e" and token_pool is not None:
+                cache.clear()  # an augmented stage never reads it: give the memory back (~1 GiB on MiniLM)
             warm = max(1, min(50, n_steps // 10))
             while step_i < n_steps:
                 epoch, pos = divmod(step_i, len(train_batches))
@@ -936,9 +1013,11 @@ def distill(
                             hidden = t.hidden[0]
                             for b in range(block):
                                 hidden = t.calls[b](s_blocks[b], hidden)
-                    loss = _layer_loss(s_blocks, block, hidden, t, batch["attention_mask"], config, attention)
+                    loss = _layer_loss(
+                        s_blocks, block, hidden, t, batch["attention_mask"], config, attention, low_student
+                    )
                 else:
-                    loss = _e2e_loss(student, s_blocks, batch, t, config, attention)
+                    loss = _e2e_loss(student, s_blocks, batch, t, config, attention, low_student)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -990,10 +1069,11 @@ def distill(
         val_samples=len(val_idx),
         trainable_params=sum(p.numel() for p in params.values()),
         trained_modules=len(replaced_modules(teacher, student)),
-        cached_batches=len(cache),
+        cached_batches=cached,
         batches=len(train_batches),
         attention_weight=0.0 if attention is None else attention.weight,
         teacher_dtype="bfloat16" if low_precision else "float32",
+        student_dtype="bfloat16" if low_student else "float32",
         history=history,
     )
     _emit(callbacks, "on_end", report)
@@ -1063,10 +1143,11 @@ def _layer_loss(
     mask: torch.Tensor,
     config: DistillConfig,
     attention: _Attention | None,
+    bfloat16: bool = False,
 ) -> torch.Tensor:
     """Block ``block`` of the student on ``hidden`` against the teacher's output of that block (and
-    its attention map when ``attention`` is set)."""
-    with _captured(attention, s_blocks, only=block) as qk:
+    its attention map when ``attention`` is set); ``bfloat16``: :func:`_student_precision`."""
+    with _captured(attention, s_blocks, only=block) as qk, _student_precision(bfloat16, hidden.device):
         out = t.calls[block](s_blocks[block], hidden)
     loss = _rel_mse(out, t.hidden[block + 1], mask)
     if attention is not None:
@@ -1081,7 +1162,9 @@ def _e2e_loss(
     t: _Teacher,
     config: DistillConfig,
     attention: _Attention | None = None,
+    bfloat16: bool = False,
 ) -> torch.Tensor:
+    """The end-to-end loss of ``student`` on ``batch``; ``bfloat16``: :func:`_student_precision`."""
     outs: list[torch.Tensor | None] = [None] * len(s_blocks)
     handles = []
 
@@ -1094,12 +1177,13 @@ def _e2e_loss(
     for i, b in enumerate(s_blocks):
         handles.append(b.register_forward_hook(post(i)))
     try:
-        with _captured(attention, s_blocks) as qk:
+        with _captured(attention, s_blocks) as qk, _student_precision(bfloat16, batch["input_ids"].device):
             last = _first(student(**batch))
     finally:
         for h in handles:
             h.remove()
     mask = batch["attention_mask"]
+    last = last.to(t.final.dtype)
     loss = _rel_mse(last, t.final, mask)
     if config.pooled_weight > 0:
         loss = loss + config.pooled_weight * _cosine_loss(pool(last, mask), t.pooled)

@@ -199,7 +199,13 @@ class GTilde(nn.Module):
             raise SparsefitError(f"input has {x.shape[-1]} features, the operator expects {self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = dispatch(backend, x2, self.blocks, self.perms, self.out_features, self.inv_perms)
+        if torch.is_autocast_enabled(x2.device.type):
+            # no low-precision kernels: under autocast G~ runs in its blocks' dtype, like autocast's
+            # float32 ops
+            with torch.autocast(x2.device.type, enabled=False):
+                y = dispatch(backend, x2.to(self.blocks.dtype), self.blocks, self.perms, self.out_features, self.inv_perms)
+        else:
+            y = dispatch(backend, x2, self.blocks, self.perms, self.out_features, self.inv_perms)
         return y.reshape(*lead, self.out_features)
 
     def transpose_apply(self, y: torch.Tensor) -> torch.Tensor:

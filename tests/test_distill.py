@@ -13,16 +13,22 @@ from torch import nn
 from sparsefit import SparsefitError, SparseLinear
 from sparsefit.distill import (
     AUTO_ATTENTION_WEIGHT,
+    BF16_WIDTH_MULTIPLE,
     DistillConfig,
     _Attention,
+    _e2e_loss,
+    _Float32Attention,
+    _gather,
     _Map,
     _run_teacher,
+    _student_precision,
     distill,
     find_attention,
     find_blocks,
     make_batches,
     pool,
     split_samples,
+    student_bfloat16,
     teacher_bfloat16,
 )
 from sparsefit.operator import GTilde
@@ -55,7 +61,7 @@ class LowRank(nn.Module):
         return (x @ self.a.t()) @ self.b.t() + self.bias
 
 
-def tiny_bert() -> nn.Module:
+def tiny_bert(attn: str = "eager") -> nn.Module:
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
         vocab_size=VOCAB,
@@ -64,7 +70,7 @@ def tiny_bert() -> nn.Module:
         num_attention_heads=2,
         intermediate_size=48,
         max_position_embeddings=40,
-        attn_implementation="eager",
+        attn_implementation=attn,
     )
     return transformers.BertModel(cfg, add_pooling_layer=False).eval()
 
@@ -95,7 +101,7 @@ def calibration(n: int = 40, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
-# float32 targets everywhere but in the bfloat16 test: "auto" would pick bfloat16 on some CPUs only
+# float32 everywhere but in the bfloat16 tests: "auto" would pick bfloat16 on some CPUs only
 CFG = DistillConfig(
     steps=30,
     layer_steps=20,
@@ -105,6 +111,7 @@ CFG = DistillConfig(
     checkpoint_every=10,
     val_fraction=0.2,
     teacher_dtype="float32",
+    student_dtype="float32",
 )
 
 
@@ -505,6 +512,7 @@ def test_train_dense_trains_the_kept_dense_linears(train_dense):
         {"layer_inputs": "both"},
         {"attention_weight": -0.5},
         {"teacher_dtype": "float16"},
+        {"student_dtype": "half"},
         {"attention_weight": float("inf")},
     ],
     ids=lambda d: next(iter(d)),
@@ -524,6 +532,9 @@ def test_config_round_trip_and_auto():
         DistillConfig.from_dict({"stepz": 3})
     with pytest.raises(SparsefitError, match="version"):
         DistillConfig.from_dict({**cfg.to_dict(), "version": 99})
+    # a version-1 config (before student_dtype) meant a float32 student
+    v1 = {k: v for k, v in cfg.to_dict().items() if k != "student_dtype"} | {"version": 1}
+    assert DistillConfig.from_dict(v1) == dataclasses.replace(cfg, student_dtype="float32")
 
 
 def test_bad_inputs():
@@ -622,3 +633,94 @@ def test_cli_compress_distill_writes_the_distilled_model(bert_folder, tmp_path):
     assert r.exit_code == 2 and "calibration" in r.output
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "e"), "--distill", "lots"])
     assert r.exit_code == 2 and "auto" in r.output
+
+
+def test_float32_attention_inside_bfloat16_autocast():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    mask = torch.rand(2, 1, 7, 7) > 0.3
+    mask[..., 0] = True
+    sdpa = nn.functional.scaled_dot_product_attention
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = sdpa(q, k, v, attn_mask=mask)
+        with _Float32Attention():
+            qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            kept = sdpa(qb, kb, vb, attn_mask=mask)
+            other = torch.mm(q[0, 0], k[0, 0].t())  # every other function: untouched, still autocast
+    assert plain.dtype == torch.bfloat16 and other.dtype == torch.bfloat16
+    assert kept.dtype == torch.float32
+    torch.testing.assert_close(kept, sdpa(qb.float(), kb.float(), vb.float(), attn_mask=mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bfloat16_student_products_match_float32(attn, monkeypatch):
+    teacher = tiny_bert(attn)
+    student = compressed(teacher, sparse=True)
+    data = calibration(17)
+    _, t_blocks = find_blocks(teacher)
+    attention = find_attention(teacher, t_blocks)
+    t = _run_teacher(teacher, t_blocks, data, attention)
+    cfg = CFG.resolved()
+    params = [p for p in student.parameters()]
+    calls: list[torch.dtype] = []
+    if attn == "sdpa":  # the attention itself must run in float32
+        sdpa = nn.functional.scaled_dot_product_attention
+
+        def spy(q, *a, **kw):
+            calls.append(q.dtype)
+            return sdpa(q, *a, **kw)
+
+        monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", spy)
+
+    def loss_and_grads(low: bool):
+        for p in params:
+            p.grad = None
+        loss = _e2e_loss(student, student.encoder.layer, data, t, cfg, attention, bfloat16=low)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+    exact, g_exact = loss_and_grads(False)
+    low, g_low = loss_and_grads(True)
+    assert low.dtype == torch.float32 and g_low.dtype == torch.float32
+    assert not torch.equal(low, exact)  # really computed with bfloat16 products
+    assert abs(float(low / exact) - 1) < 0.02
+    assert float(nn.functional.cosine_similarity(g_low, g_exact, dim=0)) > 0.99
+    if attn == "sdpa":
+        assert calls and all(d == torch.float32 for d in calls)
+    with _student_precision(False, torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bfloat16_student_distils_with_padded_widths_and_same_bytes(monkeypatch):
+    teacher = tiny_bert("sdpa")
+    data = calibration()
+    cfg = dataclasses.replace(CFG, student_dtype="bfloat16")
+    widths: list[int] = []
+    real = _gather
+
+    def spy(samples, idx, multiple=1):
+        out = real(samples, idx, multiple)
+        widths.append((multiple, out["input_ids"].shape[1], int(samples["attention_mask"][idx].sum(1).max())))
+        return out
+
+    monkeypatch.setattr("sparsefit.distill._gather", spy)
+    runs = []
+    for _ in range(2):
+        student = compressed(teacher, sparse=True)
+        before = hidden_loss(teacher, student, data)
+        report = distill(teacher, student, data, cfg)
+        runs.append(state_bytes(student))
+    assert report.student_dtype == "bfloat16" and report.teacher_dtype == "float32"
+    assert hidden_loss(teacher, student, data) < 0.5 * before
+    assert runs[0] == runs[1]
+    full = data["input_ids"].shape[1]
+    trained = [(w, n) for m, w, n in widths if m == BF16_WIDTH_MULTIPLE]
+    assert trained and all(w == min(-(-n // BF16_WIDTH_MULTIPLE) * BF16_WIDTH_MULTIPLE, full) for w, n in trained)
+    assert any(w > n for w, n in trained)  # some batch really was padded
+    # auto: bfloat16 only where the CPU multiplies it natively, like the teacher
+    cpu = torch.device("cpu")
+    auto = DistillConfig()
+    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
+    assert not student_bfloat16(auto, cpu) and student_bfloat16(dataclasses.replace(auto, student_dtype="bfloat16"), cpu)
+    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"amx_bf16"})
+    assert student_bfloat16(auto, cpu) and not student_bfloat16(dataclasses.replace(auto, student_dtype="float32"), cpu)

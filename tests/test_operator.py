@@ -179,3 +179,25 @@ def test_auto_backend_keeps_unverified_fused_kernel_opt_in(monkeypatch):
     # on a CPU tensor auto is the fused CPU kernel (or the torch path without numba) either way
     g = GTilde(4, 4, 2, 8, seed=0)
     assert rel_err(g(x), g(x, backend="reference")) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "auto"])
+def test_autocast_runs_in_the_blocks_dtype(backend):
+    """Under bfloat16 autocast (a bfloat16-products distillation) G~ has no low-precision kernel: it
+    takes a bfloat16 or float32 input and computes in float32, as outside autocast."""
+    torch.manual_seed(0)
+    op = GTilde(48, 40, depth=4, seed=1)
+    x = torch.randn(17, 48, requires_grad=True)
+    exact = op(x, backend=backend)
+    exact.sum().backward()
+    gx, gb = x.grad.clone(), op.blocks.grad.clone()
+    x.grad = op.blocks.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = op(x, backend=backend)
+        yb = op(x.detach().bfloat16(), backend=backend)
+    assert y.dtype == torch.float32 and yb.dtype == torch.float32
+    torch.testing.assert_close(y, exact, rtol=0, atol=0)
+    torch.testing.assert_close(yb, op(x.detach().bfloat16().float(), backend=backend), rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, gx, rtol=0, atol=0)
+    torch.testing.assert_close(op.blocks.grad, gb, rtol=0, atol=0)
