@@ -84,7 +84,8 @@ AUTO_ATTENTION_WEIGHT = 4.0
 #: sentences it trained on reached 0.986; more text (the corpus's ``distill`` part) and augmentation
 #: close that gap; this schedule took 0.882 to 0.966 in 649 s of distillation on 2 CPU cores. With
 #: the intermediate weight 4 and the attention maps (2026-12-02, fourth part) it reaches 0.967 / 0.969
-#: Spearman; the bfloat16 teacher and the fused Adam keep the whole command under 15 minutes.
+#: Spearman; the bfloat16 teacher and the fused Adam keep the whole command under 15 minutes on that
+#: machine. Twice the end-to-end steps reach 0.971 (2026-12-03), in about twice the time.
 AUTO_SCHEDULE: dict[str, Any] = {"layer_steps": 150, "steps": 2400, "augment": 0.1}
 
 
@@ -106,7 +107,10 @@ class DistillConfig(VersionedConfig):
     Structured factors (every parameter of a replaced layer except its bias) always train.
     seed: data order; the same seed gives the same bytes.
     cache_mb: memory for cached teacher activations (MiB); batches beyond it are run through the
-    teacher on the fly.
+    teacher on the fly. The cache serves the layer-wise stage and an end-to-end stage without
+    augmentation, and is dropped when an augmented one begins. 256 MiB holds ~20 batches of 32
+    MiniLM sentences (a small calibration text whole); on the 12,000 builtin sentences the layer
+    stage of ``auto`` hits it rarely, and 1 GiB had put the command over 3 GB (NOTES, 2026-12-03).
     val_fraction / val_max: the validation split carved from the calibration samples.
     eval_every / checkpoint_every: end-to-end steps between validations / state files.
     pooled_weight / intermediate_weight: weights of the pooled-embedding cosine and of the
@@ -149,7 +153,7 @@ class DistillConfig(VersionedConfig):
     train_norms: bool = True
     train_dense: bool = True
     seed: int = 0
-    cache_mb: float = 1024.0
+    cache_mb: float = 256.0
     val_fraction: float = 0.05
     val_max: int = 64
     eval_every: int = 100
@@ -986,7 +990,7 @@ def distill(
                 opt.load_state_dict(opt_state)
                 opt_state = None
             if kind == "e2e" and token_pool is not None:
-                cache.clear()  # an augmented stage never reads it: give the memory back (~1 GiB on MiniLM)
+                cache.clear()  # an augmented stage never reads it: give the memory back
             warm = max(1, min(50, n_steps // 10))
             while step_i < n_steps:
                 epoch, pos = divmod(step_i, len(train_batches))
