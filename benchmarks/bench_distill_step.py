@@ -43,7 +43,7 @@ from sparsefit.distill import (
     find_attention,
     find_blocks,
     make_batches,
-    student_bfloat16,
+    runs_in_bfloat16,
     tokenize,
     train_only,
     trainable_parameters,
@@ -91,9 +91,7 @@ def main() -> None:
         "adam_fused": _adam([{"params": [p], "lr": 1e-6} for p in params.values()]),
     }
     rng = random.Random(0)
-    chosen = [
-        _gather(samples, batches[rng.randrange(len(batches))], BF16_WIDTH_MULTIPLE) for _ in range(a.batches + 5)
-    ]
+    chosen = [_gather(samples, batches[rng.randrange(len(batches))], BF16_WIDTH_MULTIPLE) for _ in range(a.batches + 5)]
     students = ("student_float32", "student_bfloat16", "student_autocast_bfloat16")
     times: dict[str, list[float]] = {k: [] for k in ("teacher_float32", "teacher_bfloat16", *students, *adams)}
     agree: list[float] = []
@@ -144,7 +142,9 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for b in chosen[: a.profile]:
                 t = _run_teacher(teacher, t_blocks, b, attention, bfloat16=True)
-                loss = _e2e_loss(student, s_blocks, b, t, cfg, attention, student_bfloat16(cfg, torch.device("cpu")))
+                loss = _e2e_loss(
+                    student, s_blocks, b, t, cfg, attention, runs_in_bfloat16(cfg.student_dtype, torch.device("cpu"))
+                )
                 fused.zero_grad(set_to_none=True)
                 loss.backward()
                 fused.step()

@@ -67,8 +67,7 @@ STATE_VERSION = 1
 LAYER_INPUTS = ("teacher", "student")
 
 #: Choices of :attr:`DistillConfig.teacher_dtype` and :attr:`DistillConfig.student_dtype`.
-TEACHER_DTYPES = ("auto", "float32", "bfloat16")
-STUDENT_DTYPES = TEACHER_DTYPES
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 #: Where a pass runs in bfloat16, batch widths are rounded up to a multiple of this many tokens:
 #: oneDNN compiles a kernel per new matrix shape, and a width per batch made every step pay for it.
@@ -209,14 +208,9 @@ class DistillConfig(VersionedConfig):
             raise SparsefitError(f"augment (fraction of tokens replaced) must be in [0, 1), got {self.augment!r}")
         if self.layer_inputs not in LAYER_INPUTS:
             raise SparsefitError(f"layer_inputs must be one of {', '.join(LAYER_INPUTS)}, got {self.layer_inputs!r}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise SparsefitError(
-                f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}"
-            )
-        if self.student_dtype not in STUDENT_DTYPES:
-            raise SparsefitError(
-                f"student_dtype must be one of {', '.join(STUDENT_DTYPES)}, got {self.student_dtype!r}"
-            )
+        for name in ("teacher_dtype", "student_dtype"):
+            if getattr(self, name) not in PRECISIONS:
+                raise SparsefitError(f"{name} must be one of {', '.join(PRECISIONS)}, got {getattr(self, name)!r}")
         if not isinstance(self.val_fraction, (int, float)) or not (0 < self.val_fraction < 0.5):
             raise SparsefitError(f"validation fraction must be in (0, 0.5), got {self.val_fraction!r}")
 
@@ -493,26 +487,15 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 natively (a CUDA device that supports it, a CPU with
-    AVX512-BF16 or AMX): what the ``"auto"`` precisions pick."""
+def runs_in_bfloat16(precision: str, device: torch.device) -> bool:
+    """Whether a pass with this precision (:data:`PRECISIONS`: ``DistillConfig.teacher_dtype`` or
+    ``student_dtype``) runs in bfloat16 on ``device``; ``"auto"``: where bfloat16 is multiplied
+    natively (a CUDA device that supports it, a CPU with AVX512-BF16 or AMX)."""
+    if precision != "auto":
+        return precision == "bfloat16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-
-
-def teacher_bfloat16(config: DistillConfig, device: torch.device) -> bool:
-    """Whether the teacher's target passes run in bfloat16 (:attr:`DistillConfig.teacher_dtype`)."""
-    if config.teacher_dtype != "auto":
-        return config.teacher_dtype == "bfloat16"
-    return native_bfloat16(device)
-
-
-def student_bfloat16(config: DistillConfig, device: torch.device) -> bool:
-    """Whether the student's training products run in bfloat16 (:attr:`DistillConfig.student_dtype`)."""
-    if config.student_dtype != "auto":
-        return config.student_dtype == "bfloat16"
-    return native_bfloat16(device)
 
 
 class _Float32Attention(torch.overrides.TorchFunctionMode):
@@ -862,8 +845,8 @@ def distill(
         stages.append(("e2e", None, int(config.steps)))
     total = sum(s[2] for s in stages)
     device = next(iter(params.values())).device
-    low_precision = teacher_bfloat16(config, device)
-    low_student = student_bfloat16(config, device)
+    low_precision = runs_in_bfloat16(config.teacher_dtype, device)
+    low_student = runs_in_bfloat16(config.student_dtype, device)
     multiple = BF16_WIDTH_MULTIPLE if low_precision or low_student else 1
 
     was_training = (teacher.training, student.training)

@@ -22,6 +22,7 @@ The implementations of ``G~ x`` live in :mod:`sparsefit.kernels` and share one s
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -199,12 +200,10 @@ class GTilde(nn.Module):
             raise SparsefitError(f"input has {x.shape[-1]} features, the operator expects {self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if torch.is_autocast_enabled(x2.device.type):
-            # no low-precision kernels: under autocast G~ runs in its blocks' dtype, like autocast's
-            # float32 ops
-            with torch.autocast(x2.device.type, enabled=False):
-                y = dispatch(backend, x2.to(self.blocks.dtype), self.blocks, self.perms, self.out_features, self.inv_perms)
-        else:
+        autocast = torch.is_autocast_enabled(x2.device.type)
+        if autocast:  # no low-precision kernels: G~ runs in its blocks' dtype, like autocast's float32 ops
+            x2 = x2.to(self.blocks.dtype)
+        with torch.autocast(x2.device.type, enabled=False) if autocast else contextlib.nullcontext():
             y = dispatch(backend, x2, self.blocks, self.perms, self.out_features, self.inv_perms)
         return y.reshape(*lead, self.out_features)
 

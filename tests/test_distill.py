@@ -27,9 +27,8 @@ from sparsefit.distill import (
     find_blocks,
     make_batches,
     pool,
+    runs_in_bfloat16,
     split_samples,
-    student_bfloat16,
-    teacher_bfloat16,
 )
 from sparsefit.operator import GTilde
 
@@ -470,11 +469,9 @@ def test_bfloat16_teacher_targets_are_float32_and_close(monkeypatch):
     cpu = torch.device("cpu")
     auto = DistillConfig(teacher_dtype="auto")
     monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
-    assert not teacher_bfloat16(auto, cpu) and teacher_bfloat16(
-        dataclasses.replace(auto, teacher_dtype="bfloat16"), cpu
-    )
+    assert not runs_in_bfloat16(auto.teacher_dtype, cpu) and runs_in_bfloat16("bfloat16", cpu)
     monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    assert teacher_bfloat16(auto, cpu) and not teacher_bfloat16(dataclasses.replace(auto, teacher_dtype="float32"), cpu)
+    assert runs_in_bfloat16(auto.teacher_dtype, cpu) and not runs_in_bfloat16("float32", cpu)
 
 
 @pytest.mark.parametrize("train_dense", [True, False])
@@ -721,6 +718,6 @@ def test_bfloat16_student_distils_with_padded_widths_and_same_bytes(monkeypatch)
     cpu = torch.device("cpu")
     auto = DistillConfig()
     monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
-    assert not student_bfloat16(auto, cpu) and student_bfloat16(dataclasses.replace(auto, student_dtype="bfloat16"), cpu)
+    assert not runs_in_bfloat16(auto.student_dtype, cpu) and runs_in_bfloat16("bfloat16", cpu)
     monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"amx_bf16"})
-    assert student_bfloat16(auto, cpu) and not student_bfloat16(dataclasses.replace(auto, student_dtype="float32"), cpu)
+    assert runs_in_bfloat16(auto.student_dtype, cpu) and not runs_in_bfloat16("float32", cpu)
