@@ -59,7 +59,7 @@ from torch import nn
 from .config import VersionedConfig
 from .errors import SparsefitError
 
-DISTILL_CONFIG_VERSION = 2
+DISTILL_CONFIG_VERSION = 3
 STATE_FORMAT = "sparsefit.distill-state"
 STATE_VERSION = 1
 
@@ -68,6 +68,9 @@ LAYER_INPUTS = ("teacher", "student")
 
 #: Choices of :attr:`DistillConfig.teacher_dtype` and :attr:`DistillConfig.student_dtype`.
 PRECISIONS = ("auto", "float32", "bfloat16")
+
+#: Choices of :attr:`DistillConfig.decay`.
+DECAYS = ("linear", "cosine")
 
 #: Where a pass runs in bfloat16, batch widths are rounded up to a multiple of this many tokens:
 #: oneDNN compiles a kernel per new matrix shape, and a width per batch made every step pay for it.
@@ -96,7 +99,10 @@ class DistillConfig(VersionedConfig):
     layer_steps: steps per transformer block in the layer-wise stage (``None``: the auto value
     when ``steps="auto"``, else ``steps // 4``; ``0`` skips the stage).
     lr: Adam step size *relative to each parameter tensor's RMS at the start* (so factors of any
-    scale move at the same rate); cosine decay to zero over each stage after a short warm-up.
+    scale move at the same rate); a short linear warm-up, then ``decay`` to zero over each stage.
+    decay: the step size's decay after the warm-up: ``"linear"`` (reaching zero at the stage's end)
+    or ``"cosine"`` (half a cosine period; versions 1–2 of this config, see ``benchmarks/NOTES.md``,
+    2026-12-03, for the comparison).
     batch: calibration samples per step (batches group samples of similar length).
     max_length: token cap used when the text is tokenised for distillation (see :func:`tokenize`).
     train_biases: also train the biases inside the blocks; train_norms: also their LayerNorms;
@@ -126,9 +132,10 @@ class DistillConfig(VersionedConfig):
     from the calibration text (a new draw every step; the teacher then runs on the fly); ``None``:
     the auto value when ``steps="auto"``, else 0.
     layer_inputs: what block ``i`` is fed in the layer-wise stage: ``"teacher"`` (the teacher's
-    input to block ``i``; every block learns its own map) or ``"student"`` (the output of the
-    student's already trained blocks ``0..i-1`` on the same batch, so block ``i`` also learns to
-    undo the error that reaches it).
+    input to block ``i``; every block learns its own map, so all blocks train together in one stage
+    of ``layer_steps`` steps and each teacher pass serves them all) or ``"student"`` (the output of
+    the student's already trained blocks ``0..i-1`` on the same batch, so block ``i`` also learns to
+    undo the error that reaches it; one stage of ``layer_steps`` steps per block, in order).
     teacher_dtype: the precision of the teacher's forward passes that make the training targets:
     ``"bfloat16"`` (autocast; the targets are stored as float32), ``"float32"``, or ``"auto"``:
     bfloat16 where the hardware multiplies bfloat16 natively (a CUDA device that supports it, a CPU
@@ -146,6 +153,7 @@ class DistillConfig(VersionedConfig):
     steps: int | str = "auto"
     layer_steps: int | None = None
     lr: float = 0.01
+    decay: str = "linear"
     batch: int = 32
     max_length: int = 64
     train_biases: bool = True
@@ -208,6 +216,8 @@ class DistillConfig(VersionedConfig):
             raise SparsefitError(f"augment (fraction of tokens replaced) must be in [0, 1), got {self.augment!r}")
         if self.layer_inputs not in LAYER_INPUTS:
             raise SparsefitError(f"layer_inputs must be one of {', '.join(LAYER_INPUTS)}, got {self.layer_inputs!r}")
+        if self.decay not in DECAYS:
+            raise SparsefitError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         for name in ("teacher_dtype", "student_dtype"):
             if getattr(self, name) not in PRECISIONS:
                 raise SparsefitError(f"{name} must be one of {', '.join(PRECISIONS)}, got {getattr(self, name)!r}")
@@ -216,9 +226,12 @@ class DistillConfig(VersionedConfig):
 
     @classmethod
     def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
-        """Version 1 had no ``student_dtype``: its students trained in float32."""
+        """Version 1 had no ``student_dtype`` (its students trained in float32); versions 1 and 2 had
+        no ``decay`` (their step sizes followed a cosine)."""
         if version < 2:
             d.setdefault("student_dtype", "float32")
+        if version < 3:
+            d.setdefault("decay", "cosine")
         return d
 
     def resolved(self) -> DistillConfig:
@@ -237,6 +250,15 @@ class DistillConfig(VersionedConfig):
         )
 
 
+def lr_factor(step: int, steps: int, warm: int, decay: str) -> float:
+    """The step size of step ``step`` (0-based) of a stage of ``steps``, relative to its peak: a
+    linear warm-up over ``warm`` steps, then ``decay`` (``"linear"`` or ``"cosine"``) towards zero."""
+    if step < warm:
+        return (step + 1) / warm
+    u = (step - warm) / max(1, steps - warm)
+    return 1.0 - u if decay == "linear" else 0.5 * (1 + math.cos(math.pi * u))
+
+
 def _check_int(name: str, v: Any, lo: int, allow_none: bool = False) -> None:
     if v is None and allow_none:
         return
@@ -249,7 +271,8 @@ def _check_int(name: str, v: Any, lo: int, allow_none: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DistillStep:
-    """What ``on_step`` receives. ``stage`` is ``"layer"`` (then ``block`` is set) or ``"e2e"``;
+    """What ``on_step`` receives. ``stage`` is ``"layer"`` (``block``: the block trained, or ``None``
+    when all blocks train together; ``loss`` is then the sum of theirs) or ``"e2e"``;
     ``done``/``total`` count steps over the whole run."""
 
     stage: str
@@ -690,15 +713,32 @@ def find_attention(
 
 
 @torch.no_grad()
+def bfloat16_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """bfloat16 copies of the weights and biases of ``model``'s ``nn.Linear`` modules, by name.
+
+    For a frozen model run under bfloat16 autocast: autocast casts every such weight on every call
+    (it caches casts only of tensors that require gradients); with these copies swapped in
+    (:func:`_run_teacher`'s ``weights``) it finds them cast already. The rounding is the same, so
+    the outputs are the same bytes."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            for pname, p in m.named_parameters(recurse=False):
+                out[f"{name}.{pname}" if name else pname] = p.detach().to(torch.bfloat16)
+    return out
+
+
 def _run_teacher(
     teacher: nn.Module,
     blocks: nn.ModuleList,
     batch: dict[str, torch.Tensor],
     attention: _Attention | None = None,
     bfloat16: bool = False,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> _Teacher:
     """The teacher's activations on ``batch``; with ``bfloat16`` its forward pass runs under bfloat16
-    autocast and every stored activation is cast back to the teacher's own dtype."""
+    autocast and every stored activation is cast back to the teacher's own dtype; ``weights``
+    (:func:`bfloat16_linear_weights`, with ``bfloat16`` only) replace the teacher's own for the pass."""
     dtype = next(teacher.parameters()).dtype if bfloat16 else None
     calls: list[_Call | None] = [None] * len(blocks)
     hidden: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
@@ -730,7 +770,11 @@ def _run_teacher(
             _captured(attention, blocks) as qk,
             torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bfloat16),
         ):
-            out = _detach(_first(teacher(**batch)), dtype)
+            if weights is not None and bfloat16:
+                out = torch.func.functional_call(teacher, dict(weights), (), batch, strict=False)
+            else:
+                out = teacher(**batch)
+            out = _detach(_first(out), dtype)
     finally:
         for h in handles:
             h.remove()
@@ -840,7 +884,11 @@ def distill(
             if i.isdigit() and int(i) < len(by_block):
                 by_block[int(i)].append(name)
     layer_blocks = [i for i, names in enumerate(by_block) if names] if config.layer_steps else []
-    stages: list[tuple[str, int | None, int]] = [("layer", i, int(config.layer_steps or 0)) for i in layer_blocks]
+    # With the teacher's inputs the blocks' losses are independent: one stage trains them all, each
+    # teacher pass serving every block. Fed the student's own upstream outputs, block i must wait
+    # for blocks 0..i-1, so each block gets a stage of its own (``block`` None: all blocks).
+    layer_stages = [None] if config.layer_inputs == "teacher" and layer_blocks else layer_blocks
+    stages: list[tuple[str, int | None, int]] = [("layer", i, int(config.layer_steps or 0)) for i in layer_stages]
     if int(config.steps) > 0:
         stages.append(("e2e", None, int(config.steps)))
     total = sum(s[2] for s in stages)
@@ -848,6 +896,7 @@ def distill(
     low_precision = runs_in_bfloat16(config.teacher_dtype, device)
     low_student = runs_in_bfloat16(config.student_dtype, device)
     multiple = BF16_WIDTH_MULTIPLE if low_precision or low_student else 1
+    teacher_weights = bfloat16_linear_weights(teacher) if low_precision else None
 
     was_training = (teacher.training, student.training)
     grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
@@ -868,7 +917,7 @@ def distill(
         nonlocal used, cached
         if bi in cache:
             return cache[bi]
-        t = _run_teacher(teacher, t_blocks, train_data[bi], attention, low_precision)
+        t = _run_teacher(teacher, t_blocks, train_data[bi], attention, low_precision, teacher_weights)
         size = t.nbytes()
         if used + size <= budget:
             cache[bi] = t
@@ -965,7 +1014,8 @@ def distill(
     try:
         while stage_i < len(stages):
             kind, block, n_steps = stages[stage_i]
-            names = by_block[block] if kind == "layer" else list(params)
+            trained = (layer_blocks if block is None else [block]) if kind == "layer" else []
+            names = [n for i in trained for n in by_block[i]] if kind == "layer" else list(params)
             opt = _adam(
                 [{"params": [params[n]], "lr": config.lr * scales[n], "base": config.lr * scales[n]} for n in names]
             )
@@ -981,28 +1031,25 @@ def distill(
                 if token_pool is not None and kind == "e2e":
                     # a fresh variant of the batch each step (seeded by the step: resumable, same bytes)
                     batch = _augment(train_data[bi], token_pool, config.augment, (config.seed, stage_i, step_i))
-                    t = _run_teacher(teacher, t_blocks, batch, attention, low_precision)
+                    t = _run_teacher(teacher, t_blocks, batch, attention, low_precision, teacher_weights)
                 else:
                     t = teacher_for(bi)
                     batch = train_data[bi]
-                frac = (
-                    (step_i + 1) / warm
-                    if step_i < warm
-                    else 0.5 * (1 + math.cos(math.pi * (step_i - warm) / max(1, n_steps - warm)))
-                )
+                frac = lr_factor(step_i, n_steps, warm, config.decay)
                 for g in opt.param_groups:
                     g["lr"] = g["base"] * frac
                 if kind == "layer":
-                    assert block is not None
-                    hidden = t.hidden[block]
-                    if config.layer_inputs == "student":
-                        with torch.no_grad():  # blocks before this one are final for this stage
-                            hidden = t.hidden[0]
-                            for b in range(block):
-                                hidden = t.calls[b](s_blocks[b], hidden)
-                    loss = _layer_loss(
-                        s_blocks, block, hidden, t, batch["attention_mask"], config, attention, low_student
-                    )
+                    loss = torch.zeros((), device=device)
+                    for i in trained:
+                        hidden = t.hidden[i]
+                        if config.layer_inputs == "student":
+                            with torch.no_grad():  # blocks before this one are final for this stage
+                                hidden = t.hidden[0]
+                                for b in range(i):
+                                    hidden = t.calls[b](s_blocks[b], hidden)
+                        loss = loss + _layer_loss(
+                            s_blocks, i, hidden, t, batch["attention_mask"], config, attention, low_student
+                        )
                 else:
                     loss = _e2e_loss(student, s_blocks, batch, t, config, attention, low_student)
                 opt.zero_grad(set_to_none=True)

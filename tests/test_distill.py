@@ -22,9 +22,11 @@ from sparsefit.distill import (
     _Map,
     _run_teacher,
     _student_precision,
+    bfloat16_linear_weights,
     distill,
     find_attention,
     find_blocks,
+    lr_factor,
     make_batches,
     pool,
     runs_in_bfloat16,
@@ -143,8 +145,9 @@ def test_distillation_reduces_hidden_state_loss_and_keeps_teacher():
     after = hidden_loss(teacher, student, data)
     assert after < 0.5 * before, (before, after)
     assert report.metric_after > report.metric_before
-    assert report.steps_done == report.steps_total == 2 * 20 + 30 == len(steps)
-    assert [s.stage for s in steps] == ["layer"] * 40 + ["e2e"] * 30
+    # teacher inputs: one layer-wise stage trains both blocks together
+    assert report.steps_done == report.steps_total == 20 + 30 == len(steps)
+    assert [(s.stage, s.block) for s in steps] == [("layer", None)] * 20 + [("e2e", None)] * 30
     assert report.trained_modules == 5 and not report.interrupted
     # the G~ layer's blocks trained, the embeddings stayed frozen, the teacher is untouched
     assert not torch.equal(student.encoder.layer[1].output.dense.operator.blocks, blocks_before)
@@ -183,8 +186,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "a.pt").is_file() and not full.resumed
     # stopped inside the end-to-end stage (after its step 17; last checkpoint at its step 10) ...
     student = compressed(teacher)
-    cut = distill(teacher, student, data, CFG, state_path=tmp_path / "b.pt", callbacks=[StopAt(57)])
-    assert cut.interrupted and cut.steps_done == 57
+    cut = distill(teacher, student, data, CFG, state_path=tmp_path / "b.pt", callbacks=[StopAt(37)])
+    assert cut.interrupted and cut.steps_done == 37
     # ... and resumed from the checkpoint: the same bytes as the uninterrupted run
     again = distill(teacher, student, data, CFG, state_path=tmp_path / "b.pt")
     assert again.resumed and not again.interrupted
@@ -214,10 +217,10 @@ def test_ctrl_c_keeps_the_best_state():
     teacher = tiny_bert()
     data = calibration()
     student = compressed(teacher)
-    report = distill(teacher, student, data, CFG, callbacks=[StopAt(55)])
-    assert report.interrupted and report.steps_done == 55
+    report = distill(teacher, student, data, CFG, callbacks=[StopAt(35)])
+    assert report.interrupted and report.steps_done == 35
     metrics = [report.metric_before] + [h["metric"] for h in report.history]
-    assert len(report.history) == 3  # after block 0, block 1, and e2e step 10
+    assert len(report.history) == 2  # after the layer-wise stage and e2e step 10
     assert report.metric_after == max(metrics) > report.metric_before
     assert validation_metric(teacher, student, data, CFG) == pytest.approx(report.metric_after, abs=1e-5)
 
@@ -275,7 +278,7 @@ def test_augmented_distillation_resumes_to_the_same_bytes(tmp_path):
     distill(teacher, plain, data, CFG)
     assert state_bytes(ref) != state_bytes(plain)  # the augmentation changed what was trained on
     student = compressed(teacher)
-    cut = distill(teacher, student, data, cfg, state_path=tmp_path / "s.pt", callbacks=[StopAt(63)])
+    cut = distill(teacher, student, data, cfg, state_path=tmp_path / "s.pt", callbacks=[StopAt(43)])
     assert cut.interrupted
     again = distill(teacher, student, data, cfg, state_path=tmp_path / "s.pt")
     assert again.resumed and state_bytes(student) == state_bytes(ref) and again.history == full.history
@@ -328,6 +331,32 @@ def test_layer_stage_feeds_teacher_or_student_inputs(layer_inputs):
     assert not torch.allclose(want, other, atol=1e-3)  # the two modes really differ here
     for x in fed:
         torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+
+
+def test_joint_layer_stage_trains_each_block_as_alone():
+    """With the teacher's inputs one stage trains every block at once, and each block ends exactly
+    where it would have alone (its loss does not depend on the other blocks); fed the student's
+    own outputs the blocks get a stage each, in order."""
+    teacher = tiny_bert()
+    data = calibration()
+    cfg = dataclasses.replace(CFG, steps=0, layer_steps=6, train_biases=False, train_norms=False, train_dense=False)
+    both = compressed(teacher)
+    only1 = compressed(teacher)
+    only1.encoder.layer[0] = copy.deepcopy(teacher.encoder.layer[0])  # block 0: nothing to train
+    stages = []
+    cb = type("CB", (), {"on_step": lambda s, x: stages.append((x.stage, x.block))})()
+    r_both = distill(teacher, both, data, cfg, callbacks=[cb])
+    assert stages == [("layer", None)] * 6 and r_both.metric_after > r_both.metric_before
+    r_one = distill(teacher, only1, data, cfg)
+    assert r_one.metric_after > r_one.metric_before  # so both ended on their trained state
+    for name, p in only1.encoder.layer[1].named_parameters():
+        assert torch.equal(p, dict(both.encoder.layer[1].named_parameters())[name]), name
+    assert not torch.equal(
+        both.encoder.layer[0].attention.self.query.a, compressed(teacher).encoder.layer[0].attention.self.query.a
+    )
+    stages.clear()
+    distill(teacher, compressed(teacher), data, dataclasses.replace(cfg, layer_inputs="student"), callbacks=[cb])
+    assert stages == [("layer", 0)] * 6 + [("layer", 1)] * 6
 
 
 def test_attention_maps_are_the_models_own():
@@ -460,6 +489,18 @@ def test_bfloat16_teacher_targets_are_float32_and_close(monkeypatch):
         assert float((a - b).norm() / a.norm()) < 0.03
     for a, b in zip(exact.attention, low.attention, strict=True):
         assert b.probs.dtype == torch.float32 and float(reference_kl(b, a, data["attention_mask"])) < 1e-3
+    # the teacher's linear weights cast once: the same bytes as autocast's cast on every call
+    weights = bfloat16_linear_weights(teacher)
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert {n.rsplit(".", 1)[0] for n in weights} == {
+        n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    cast = _run_teacher(teacher, blocks, data, attention, bfloat16=True, weights=weights)
+    for a, b in zip([*low.hidden, low.final, low.pooled], [*cast.hidden, cast.final, cast.pooled], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(low.attention, cast.attention, strict=True):
+        assert torch.equal(a.probs, b.probs)
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())  # the teacher keeps its own
     # distillation with bfloat16 targets still trains, and says which precision it used
     student = compressed(teacher, sparse=True)
     before = hidden_loss(teacher, student, data)
@@ -510,6 +551,7 @@ def test_train_dense_trains_the_kept_dense_linears(train_dense):
         {"attention_weight": -0.5},
         {"teacher_dtype": "float16"},
         {"student_dtype": "half"},
+        {"decay": "step"},
         {"attention_weight": float("inf")},
     ],
     ids=lambda d: next(iter(d)),
@@ -530,8 +572,25 @@ def test_config_round_trip_and_auto():
     with pytest.raises(SparsefitError, match="version"):
         DistillConfig.from_dict({**cfg.to_dict(), "version": 99})
     # a version-1 config (before student_dtype) meant a float32 student
-    v1 = {k: v for k, v in cfg.to_dict().items() if k != "student_dtype"} | {"version": 1}
-    assert DistillConfig.from_dict(v1) == dataclasses.replace(cfg, student_dtype="float32")
+    # (and, like version 2, a cosine decay)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("student_dtype", "decay")}
+    assert DistillConfig.from_dict(old | {"version": 1}) == dataclasses.replace(
+        cfg, student_dtype="float32", decay="cosine"
+    )
+    assert DistillConfig.from_dict(old | {"version": 2, "student_dtype": "auto"}) == dataclasses.replace(
+        cfg, decay="cosine"
+    )
+    assert cfg.decay == "linear"
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    for decay in ("linear", "cosine"):
+        f = [lr_factor(i, 100, 10, decay) for i in range(100)]
+        assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+        assert f[10] == 1.0 and all(a > b for a, b in zip(f[10:], f[11:], strict=False)) and 0 < f[-1] < 0.03
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(30, 100, 10, "cosine") > lr_factor(30, 100, 10, "linear")  # cosine stays high longer
 
 
 def test_bad_inputs():
@@ -571,10 +630,10 @@ def test_compress_in_memory_with_distill(bert_folder):
         models.append((model, report))
     (plain, r0), (distilled, r1) = models
     assert r0.distill is None and "distill" not in r0.to_dict()
-    assert r1.distill["steps_done"] == 2 * 10 + 20 and r1.distill["train_samples"] + r1.distill["val_samples"] == 200
+    assert r1.distill["steps_done"] == 10 + 20 and r1.distill["train_samples"] + r1.distill["val_samples"] == 200
     assert r1.distill["metric_after"] >= r1.distill["metric_before"]
     assert r1.to_dict()["distill"] == r1.distill
-    assert len(r1.distill["history"]) == 3  # after block 0, block 1, and the end-to-end stage
+    assert len(r1.distill["history"]) == 2  # after the layer-wise stage (all blocks) and the end-to-end one
     # the tiny random model starts near cosine 1: the best state may be the start, and then nothing changed
     unchanged = r1.distill["metric_after"] == r1.distill["metric_before"]
     assert (state_bytes(plain) == state_bytes(distilled)) == unchanged
@@ -601,7 +660,7 @@ def test_cli_compress_distill_writes_the_distilled_model(bert_folder, tmp_path):
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "b"), "--json", str(tmp_path / "b.json"), "--distill", "40"])
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "b.json").read_text())["distill"]
-    assert d["steps_total"] == 40 + 10 * 2 and d["config"]["steps"] == 40 and d["metric_after"] > d["metric_before"]
+    assert d["steps_total"] == 40 + 10 and d["config"]["steps"] == 40 and d["metric_after"] > d["metric_before"]
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["distill"]["metric_after"] == d["metric_after"]
     assert (tmp_path / "b" / "distill-state.pt").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,6 +76,7 @@ class DistillProgress(FitProgress):
     """Distillation progress: one bar over all steps with the loss, one line per validation."""
 
     def on_start(self, info: dict[str, Any]) -> None:
+        self.started = (int(info["done"]), time.perf_counter())
         if self.progress is not None:
             self.task = self.progress.add_task(
                 f"distil (validation cosine {info['metric_before']:.4f})",
@@ -86,10 +88,13 @@ class DistillProgress(FitProgress):
 
     def on_step(self, s: Any) -> None:
         if self.progress is not None and self.task is not None:
-            where = f"block {s.block}" if s.block is not None else "end to end"
-            self.progress.update(
-                self.task, completed=s.done, mse=f"{s.loss:.3e} ({where})", rate=f"{s.step / max(s.seconds, 1e-9):.1f}"
-            )
+            if s.stage == "e2e":
+                where = "end to end"
+            else:
+                where = "all blocks" if s.block is None else f"block {s.block}"
+            done0, t0 = self.started
+            rate = (s.done - done0) / max(time.perf_counter() - t0, 1e-9)  # this run's steps per second
+            self.progress.update(self.task, completed=s.done, mse=f"{s.loss:.3e} ({where})", rate=f"{rate:.1f}")
 
     def on_eval(self, e: Any) -> None:
         if self.progress is not None:
