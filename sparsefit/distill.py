@@ -18,7 +18,8 @@ of the student's training steps run in bfloat16 (``teacher_dtype`` / ``student_d
 parameters, optimiser, losses, targets and validation stay float32.
 
 Padding never counts: every loss and pool is masked by the batch's ``attention_mask``. The
-teacher's activations are cached in memory up to ``cache_mb`` and computed on the fly beyond.
+teacher's activations are cached in memory up to ``cache_mb``, then in a temporary file up to
+``spill_mb``, and computed on the fly beyond.
 
 A small validation split carved from the *calibration* samples measures the mean cosine of the
 student's mean-pooled embeddings to the teacher's; the student ends with the parameters that
@@ -58,6 +59,7 @@ from torch import nn
 
 from .config import VersionedConfig
 from .errors import SparsefitError
+from .spill import SpillStore
 
 DISTILL_CONFIG_VERSION = 3
 STATE_FORMAT = "sparsefit.distill-state"
@@ -80,15 +82,15 @@ BF16_WIDTH_MULTIPLE = 8
 #: 2026-12-02, fourth part: +0.0007 cosine / +0.003 Spearman at 600 steps on all-MiniLM-L6-v2).
 AUTO_ATTENTION_WEIGHT = 4.0
 
-#: The ``auto`` schedule: steps per block in stage 1, steps in stage 2, the token augmentation of
-#: stage 2. Chosen on all-MiniLM-L6-v2 at ``--keep 0.5`` with the builtin corpus (``benchmarks/NOTES.md``,
-#: 2026-12-02): 600 end-to-end steps reached held-out cosine 0.958, 2,400 steps 0.962 while the
-#: sentences it trained on reached 0.986; more text (the corpus's ``distill`` part) and augmentation
-#: close that gap; this schedule took 0.882 to 0.966 in 649 s of distillation on 2 CPU cores. With
-#: the intermediate weight 4 and the attention maps (2026-12-02, fourth part) it reaches 0.967 / 0.969
-#: Spearman; the bfloat16 teacher and the fused Adam keep the whole command under 15 minutes on that
-#: machine. Twice the end-to-end steps reach 0.971 (2026-12-03), in about twice the time.
-AUTO_SCHEDULE: dict[str, Any] = {"layer_steps": 150, "steps": 2400, "augment": 0.1}
+#: The ``auto`` schedule: steps of the layer-wise stage, steps of the end-to-end stage, the token
+#: augmentation of the end-to-end stage. Chosen on all-MiniLM-L6-v2 at ``--keep 0.5`` with the builtin
+#: corpus (``benchmarks/NOTES.md``): on the 2,000 calibration sentences alone the student learnt them
+#: by heart and augmentation helped (2026-12-02); on the 12,000 sentences with the corpus's
+#: ``distill`` part it no longer does (2,400 steps: 0.9683 / 0.9701 held-out without it, 0.9676 /
+#: 0.9694 with 0.1; 2026-12-04), and without it every batch's targets can be kept (memory, then the
+#: spill file), so a step skips the teacher and the same 15 minutes hold 3,800 steps instead of
+#: 2,400: held-out cosine 0.970 / Spearman 0.972 in 12.8 minutes on a 2-core AMD EPYC.
+AUTO_SCHEDULE: dict[str, Any] = {"layer_steps": 150, "steps": 3800, "augment": 0.0}
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,14 @@ class DistillConfig(VersionedConfig):
     the held-out cosine from 0.954 to 0.958).
     Structured factors (every parameter of a replaced layer except its bias) always train.
     seed: data order; the same seed gives the same bytes.
-    cache_mb: memory for cached teacher activations (MiB); batches beyond it are run through the
-    teacher on the fly. The cache serves the layer-wise stage and an end-to-end stage without
-    augmentation, and is dropped when an augmented one begins. 256 MiB holds ~20 batches of 32
-    MiniLM sentences (a small calibration text whole); on the 12,000 builtin sentences the layer
-    stage of ``auto`` hits it rarely, and 1 GiB had put the command over 3 GB (NOTES, 2026-12-03).
+    cache_mb: memory for cached teacher activations (MiB). spill_mb: disk for the ones beyond it
+    (MiB), in a temporary file (:func:`distill`'s ``spill_dir``) capped at the free space less
+    1 GiB; batches beyond both run through the teacher on the fly. Cached in memory, on disk or
+    recomputed, the targets are the same bytes. The cache serves the layer-wise stage and an
+    end-to-end stage without augmentation, and is dropped when an augmented one begins. A batch of
+    32 MiniLM sentences takes about 12 MiB (the 12,000 builtin sentences about 4.4 GiB); 256 MiB of
+    memory holds a small calibration text whole, and 1 GiB had put the command over 3 GB (NOTES,
+    2026-12-03).
     val_fraction / val_max: the validation split carved from the calibration samples.
     eval_every / checkpoint_every: end-to-end steps between validations / state files.
     pooled_weight / intermediate_weight: weights of the pooled-embedding cosine and of the
@@ -129,8 +134,9 @@ class DistillConfig(VersionedConfig):
     ``None``: :data:`AUTO_ATTENTION_WEIGHT` where the model has such projections, else 0 (an explicit
     weight > 0 on a model without them is an error).
     augment: each end-to-end step replaces this fraction of the batch's inner tokens by tokens drawn
-    from the calibration text (a new draw every step; the teacher then runs on the fly); ``None``:
-    the auto value when ``steps="auto"``, else 0.
+    from the calibration text (a new draw every step; the teacher then runs on the fly, so the
+    cache is not used); ``None``: the auto value when ``steps="auto"`` (0), else 0. It helps where
+    the text is small (a few thousand sentences learnt by heart), not on the builtin 12,000.
     layer_inputs: what block ``i`` is fed in the layer-wise stage: ``"teacher"`` (the teacher's
     input to block ``i``; every block learns its own map, so all blocks train together in one stage
     of ``layer_steps`` steps and each teacher pass serves them all) or ``"student"`` (the output of
@@ -161,6 +167,7 @@ class DistillConfig(VersionedConfig):
     train_dense: bool = True
     seed: int = 0
     cache_mb: float = 256.0
+    spill_mb: float = 8192.0
     val_fraction: float = 0.05
     val_max: int = 64
     eval_every: int = 100
@@ -199,6 +206,7 @@ class DistillConfig(VersionedConfig):
         for name, v, positive in (
             ("learning rate", self.lr, True),
             ("cache budget (MiB)", self.cache_mb, False),
+            ("spill budget (MiB)", self.spill_mb, False),
             ("pooled weight", self.pooled_weight, False),
             ("intermediate weight", self.intermediate_weight, False),
             ("attention weight", 0.0 if self.attention_weight is None else self.attention_weight, False),
@@ -316,6 +324,7 @@ class DistillReport:
     trainable_params: int
     trained_modules: int
     cached_batches: int
+    spilled_batches: int
     batches: int
     attention_weight: float = 0.0
     teacher_dtype: str = "float32"
@@ -563,27 +572,45 @@ class _Teacher:
     pooled: torch.Tensor
     attention: list[_Map] = field(default_factory=list)
 
-    def nbytes(self) -> int:
-        seen: dict[int, int] = {}
+    def tensors(self) -> list[torch.Tensor]:
+        """Every activation (not the calls), in the order :meth:`from_tensors` reads them back."""
+        maps = [x for m in self.attention for x in (m.probs, m.entropy)]
+        return [*self.hidden, self.final, self.pooled, *maps]
 
-        def visit(x: Any) -> None:
-            if isinstance(x, torch.Tensor):
-                seen[x.data_ptr()] = x.numel() * x.element_size()
-            elif isinstance(x, (tuple, list)):
-                for v in x:
-                    visit(v)
-            elif isinstance(x, dict):
-                for v in x.values():
-                    visit(v)
+    @staticmethod
+    def from_tensors(calls: list[_Call], tensors: Sequence[torch.Tensor]) -> _Teacher:
+        """The record of a batch with these ``calls`` whose :meth:`tensors` were ``tensors``."""
+        n = len(calls) + 1
+        maps = tensors[n + 2 :]
+        return _Teacher(
+            list(tensors[:n]),
+            calls,
+            tensors[n],
+            tensors[n + 1],
+            [_Map(maps[2 * i], maps[2 * i + 1]) for i in range(len(maps) // 2)],
+        )
 
-        visit(self.hidden)
-        visit(self.final)
-        for c in self.calls:
-            visit(c.args)
-            visit(c.kwargs)
-        visit(self.pooled)
-        visit([(m.probs, m.entropy) for m in self.attention])
-        return sum(seen.values())
+
+class _TeacherCache:
+    """The teacher's activations per training batch in a :class:`~sparsefit.spill.SpillStore`
+    (memory, then a temporary file); a batch's calls (the blocks' extra arguments: masks, a few kB)
+    stay in memory wherever its activations are."""
+
+    def __init__(self, store: SpillStore) -> None:
+        self.store = store
+        self.calls: dict[int, list[_Call]] = {}
+
+    def get(self, bi: int) -> _Teacher | None:
+        tensors = self.store.get(bi)
+        return None if tensors is None else _Teacher.from_tensors(self.calls[bi], tensors)
+
+    def put(self, bi: int, t: _Teacher) -> None:
+        if self.store.put(bi, t.tensors()) != "none":
+            self.calls[bi] = t.calls
+
+    def clear(self) -> None:
+        self.store.clear()
+        self.calls.clear()
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -848,6 +875,7 @@ def distill(
     config: DistillConfig | None = None,
     *,
     state_path: str | os.PathLike[str] | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> DistillReport:
     """Train ``student`` in place to reproduce ``teacher``'s hidden states on ``calibration``.
@@ -859,6 +887,9 @@ def distill(
     calibration: tokenised text, ``{input_ids, attention_mask, …}: (N, T)`` (right padding), or a
     list of such batches. Never pass held-out evaluation text.
     state_path: a checkpoint file to write (atomically) and to resume from when its settings match.
+    spill_dir: the folder of the temporary file that holds the teacher's activations beyond
+    ``config.cache_mb`` (``None``: the system's temporary folder; the file is deleted as soon as it
+    is made and its space comes back when distillation ends).
     Returns a :class:`DistillReport`; the student ends with the best parameters on the validation split.
     """
     config = (config or DistillConfig()).resolved()
@@ -909,20 +940,16 @@ def distill(
 
     train_data = [to_dev(_gather(samples, b, multiple)) for b in train_batches]
     token_pool = _inner_tokens(_gather(samples, train_idx)) if config.augment > 0 else None
-    cache: dict[int, _Teacher] = {}
-    budget = config.cache_mb * 2**20
-    used = cached = 0
+    cache = _TeacherCache(SpillStore(config.cache_mb * 2**20, config.spill_mb * 2**20, spill_dir))
+    cached = spilled = 0
 
     def teacher_for(bi: int) -> _Teacher:
-        nonlocal used, cached
-        if bi in cache:
-            return cache[bi]
-        t = _run_teacher(teacher, t_blocks, train_data[bi], attention, low_precision, teacher_weights)
-        size = t.nbytes()
-        if used + size <= budget:
-            cache[bi] = t
-            used += size
-            cached += 1
+        nonlocal cached, spilled
+        t = cache.get(bi)
+        if t is None:
+            t = _run_teacher(teacher, t_blocks, train_data[bi], attention, low_precision, teacher_weights)
+            cache.put(bi, t)
+            cached, spilled = max(cached, cache.store.in_memory), max(spilled, cache.store.on_disk)
         return t
 
     val_data = [to_dev(_gather(samples, b)) for b in val_batches]
@@ -1083,6 +1110,7 @@ def distill(
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        cache.clear()
         restore(best)
         for n, p in student.named_parameters():
             p.requires_grad_(grad_flags[n])
@@ -1104,6 +1132,7 @@ def distill(
         trainable_params=sum(p.numel() for p in params.values()),
         trained_modules=len(replaced_modules(teacher, student)),
         cached_batches=cached,
+        spilled_batches=spilled,
         batches=len(train_batches),
         attention_weight=0.0 if attention is None else attention.weight,
         teacher_dtype="bfloat16" if low_precision else "float32",

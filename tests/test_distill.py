@@ -156,14 +156,20 @@ def test_distillation_reduces_hidden_state_loss_and_keeps_teacher():
     assert all(p.requires_grad for p in student.parameters())  # flags restored
 
 
-def test_same_seed_same_bytes_cache_or_not():
+def test_same_seed_same_bytes_cache_or_not(tmp_path):
     teacher = tiny_bert()
     data = calibration()
-    a, b, c = compressed(teacher), compressed(teacher), compressed(teacher)
-    distill(teacher, a, data, CFG)
+    a, b, c, s = compressed(teacher), compressed(teacher), compressed(teacher), compressed(teacher)
+    ra = distill(teacher, a, data, CFG)
     distill(teacher, b, data, CFG)
-    distill(teacher, c, data, dataclasses.replace(CFG, cache_mb=0))
-    assert state_bytes(a) == state_bytes(b) == state_bytes(c)
+    rc = distill(teacher, c, data, dataclasses.replace(CFG, cache_mb=0, spill_mb=0))
+    # every batch in the temporary file (nothing in memory): the targets come back as the same bytes
+    rs = distill(teacher, s, data, dataclasses.replace(CFG, cache_mb=0), spill_dir=tmp_path)
+    assert (ra.cached_batches, ra.spilled_batches) == (ra.batches, 0)
+    assert (rc.cached_batches, rc.spilled_batches) == (0, 0)
+    assert (rs.cached_batches, rs.spilled_batches) == (0, rs.batches)
+    assert list(tmp_path.iterdir()) == []  # the spill file never shows and is gone
+    assert state_bytes(a) == state_bytes(b) == state_bytes(c) == state_bytes(s)
     d = compressed(teacher)
     distill(teacher, d, data, dataclasses.replace(CFG, seed=5))
     assert state_bytes(d) != state_bytes(a)
@@ -545,6 +551,8 @@ def test_train_dense_trains_the_kept_dense_linears(train_dense):
         {"pooled_weight": -1.0},
         {"pooled_weight": -0.5},
         {"cache_mb": -0.5},
+        {"spill_mb": -1},
+        {"spill_mb": float("nan")},
         {"augment": 1.0},
         {"augment": -0.1},
         {"layer_inputs": "both"},

@@ -211,7 +211,8 @@ def compress_command(
         str | None,
         typer.Option(
             help="After compressing, distil the model against the original on the calibration text (builtin: plus "
-            "its 10,000-sentence distillation part): STEPS end-to-end steps, or auto (150 per block, then 2,400)."
+            "its 10,000-sentence distillation part): STEPS end-to-end steps after STEPS/4 layer-wise ones, or auto "
+            "(150 layer-wise, then 3,800 end-to-end; about 13 minutes for all-MiniLM-L6-v2 on 2 CPU cores)."
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be compressed; write nothing.")] = False,

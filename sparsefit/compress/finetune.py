@@ -50,7 +50,7 @@ def distill_folder(
     student = empty_model(out)
     load_compressed(student, out)
     tokens = tokenize(tok, distillation_samples(spec), config)
-    report = distill(teacher, student, tokens, config, state_path=out / STATE_FILE, callbacks=callbacks)
+    report = distill(teacher, student, tokens, config, state_path=out / STATE_FILE, spill_dir=out, callbacks=callbacks)
 
     # write back: replaced layers and the selected layers kept dense into their layer files, every
     # other trained tensor into the dense files
