@@ -3,6 +3,8 @@
 One process, the same batches for every variant, timed in turn batch by batch (min and median
 over the batches). Parts: the teacher's target pass in float32 and in bfloat16 autocast
 (``DistillConfig.teacher_dtype``; with the bfloat16 targets' agreement with the float32 ones), the
+bfloat16 pass with the weights cast once beforehand (``distill``'s), reading one batch's targets
+back from the spill file (what a step costs instead of a teacher pass once they are kept), the
 student's forward + backward of the end-to-end loss in float32, with bfloat16 products as
 ``distill`` runs them (``DistillConfig.student_dtype``: autocast, attention in float32) and under
 whole-model bfloat16 autocast (attention included; not used by ``distill``: shown because it is
@@ -40,6 +42,7 @@ from sparsefit.distill import (
     _e2e_loss,
     _gather,
     _run_teacher,
+    bfloat16_linear_weights,
     find_attention,
     find_blocks,
     make_batches,
@@ -49,6 +52,7 @@ from sparsefit.distill import (
     trainable_parameters,
 )
 from sparsefit.fileformat import save_text
+from sparsefit.spill import SpillStore
 
 
 def cpu_name() -> str:
@@ -93,7 +97,10 @@ def main() -> None:
     rng = random.Random(0)
     chosen = [_gather(samples, batches[rng.randrange(len(batches))], BF16_WIDTH_MULTIPLE) for _ in range(a.batches + 5)]
     students = ("student_float32", "student_bfloat16", "student_autocast_bfloat16")
-    times: dict[str, list[float]] = {k: [] for k in ("teacher_float32", "teacher_bfloat16", *students, *adams)}
+    weights = bfloat16_linear_weights(teacher)
+    spill = SpillStore(0, 1 << 34)
+    teachers = ("teacher_float32", "teacher_bfloat16", "teacher_bfloat16_precast", "targets_from_spill")
+    times: dict[str, list[float]] = {k: [] for k in (*teachers, *students, *adams)}
     agree: list[float] = []
     rel: list[float] = []
     loss_rel: list[float] = []
@@ -103,7 +110,18 @@ def main() -> None:
         t1 = time.perf_counter()
         low = _run_teacher(teacher, t_blocks, b, attention, bfloat16=True)
         t2 = time.perf_counter()
-        parts = {"teacher_float32": t1 - t0, "teacher_bfloat16": t2 - t1}
+        _run_teacher(teacher, t_blocks, b, attention, bfloat16=True, weights=weights)
+        t3 = time.perf_counter()
+        spill.put(i, low.tensors())
+        t4 = time.perf_counter()
+        spill.get(i)
+        t5 = time.perf_counter()
+        parts = {
+            "teacher_float32": t1 - t0,
+            "teacher_bfloat16": t2 - t1,
+            "teacher_bfloat16_precast": t3 - t2,
+            "targets_from_spill": t5 - t4,
+        }
         losses: dict[str, float] = {}
         for name in students:
             s = time.perf_counter()
@@ -141,7 +159,7 @@ def main() -> None:
         fused = adams["adam_fused"]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for b in chosen[: a.profile]:
-                t = _run_teacher(teacher, t_blocks, b, attention, bfloat16=True)
+                t = _run_teacher(teacher, t_blocks, b, attention, bfloat16=True, weights=weights)
                 loss = _e2e_loss(
                     student, s_blocks, b, t, cfg, attention, runs_in_bfloat16(cfg.student_dtype, torch.device("cpu"))
                 )
