@@ -835,9 +835,13 @@ def _cosine_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # State files
 # ----------------------------------------------------------------------------------------------
+#: Settings that change where the work is kept, not its result: a state file resumes across them.
+_RESULT_NEUTRAL = ("cache_mb", "spill_mb", "checkpoint_every")
+
+
 def _fingerprint(config: DistillConfig, params: dict[str, nn.Parameter], samples: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    h.update(repr(sorted(config.to_dict().items())).encode())
+    h.update(repr(sorted((k, v) for k, v in config.to_dict().items() if k not in _RESULT_NEUTRAL)).encode())
     for n, p in params.items():
         h.update(f"{n}:{tuple(p.shape)}:{p.dtype}".encode())
     for k in sorted(samples):
