@@ -673,6 +673,15 @@ def test_cli_compress_distill_writes_the_distilled_model(bert_folder, tmp_path):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["distill"]["metric_after"] == d["metric_after"]
     assert (tmp_path / "b" / "distill-state.pt").is_file()
+    assert d["cached_batches"] == d["batches"] and d["spilled_batches"] == 0  # a small text stays in memory
+    # without --quiet the end of the distillation says where the teacher's targets were kept, and
+    # the output folder holds no temporary file
+    plain = [a for a in base if a != "--quiet"]
+    out_c = tmp_path / "c"
+    r = runner.invoke(app, [*plain, "-o", str(out_c), "--distill", "4"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "the teacher's targets were kept for 4 of 4 batches (4 in memory)" in r.output, r.output
+    assert not [p.name for p in out_c.iterdir() if p.name.startswith("tmp")]
     # the folder reloads as the distilled model: closer to the original than the undistilled one
     teacher, tok, _ = load_model(bert_folder)
     data = dict(tok(builtin_sentences("heldout")[:40], padding=True, return_tensors="pt"))

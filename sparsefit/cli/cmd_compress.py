@@ -102,6 +102,18 @@ class DistillProgress(FitProgress):
                 f"distil: validation cosine {e.metric:.4f} after {e.done} steps (best {e.best:.4f})", highlight=False
             )
 
+    def on_end(self, r: Any) -> None:
+        if self.progress is not None:
+            where = f"{r.cached_batches} in memory"
+            if r.spilled_batches:
+                where += f", {r.spilled_batches} in a temporary file, deleted now"
+            self.progress.console.print(
+                f"distil: {r.steps_done} steps in {r.seconds:.0f} s, validation cosine {r.metric_before:.4f} -> "
+                f"{r.metric_after:.4f}; the teacher's targets were kept for {r.cached_batches + r.spilled_batches} of "
+                f"{r.batches} batches ({where})",
+                highlight=False,
+            )
+
 
 def plan_table(plans: list[LayerPlan], config: CompressConfig) -> Table:
     table = Table(title="would compress", title_justify="left")
