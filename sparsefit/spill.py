@@ -30,6 +30,8 @@ from typing import IO, Hashable
 
 import torch
 
+from .errors import SparsefitError
+
 #: Free space left untouched on the spill folder's file system.
 FREE_MARGIN = 1 << 30
 
@@ -74,6 +76,10 @@ class SpillStore:
     def __init__(self, memory_bytes: float, disk_bytes: float, directory: str | os.PathLike[str] | None = None):
         self.directory = os.fspath(directory) if directory is not None else tempfile.gettempdir()
         self.memory_budget = max(0, int(memory_bytes))
+        if disk_bytes > 0 and not os.path.isdir(self.directory):
+            raise SparsefitError(
+                f"the spill folder {self.directory} is not a folder; name an existing one or set no disk budget"
+            )
         free = shutil.disk_usage(self.directory).free if disk_bytes > 0 else 0
         self.disk_budget = max(0, min(int(disk_bytes), free - FREE_MARGIN))
         self.memory_used = 0

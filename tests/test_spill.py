@@ -8,6 +8,7 @@ from collections import namedtuple
 import pytest
 import torch
 
+from sparsefit.errors import SparsefitError
 from sparsefit.spill import FREE_MARGIN, SpillStore, nbytes
 
 
@@ -26,9 +27,11 @@ def entry(seed: int) -> list[torch.Tensor]:
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)
+
     return len(a) == len(b) and all(
-        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
-        for x, y in zip(a, b, strict=True)
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(raw(x), raw(y)) for x, y in zip(a, b, strict=True)
     )
 
 
@@ -137,3 +140,9 @@ def test_a_failed_write_refuses_that_entry_and_the_rest(tmp_path, monkeypatch):
     got = store.get(0)
     assert got is not None and torch.equal(got[0], torch.arange(200, dtype=torch.float32))
     store.close()
+
+
+def test_a_missing_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(SparsefitError, match="is not a folder"):
+        SpillStore(0, 1 << 20, tmp_path / "nowhere")
+    assert SpillStore(1 << 20, 0, tmp_path / "nowhere").put(0, [torch.zeros(2)]) == "memory"  # no disk: no check
