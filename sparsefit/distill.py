@@ -599,13 +599,16 @@ class _TeacherCache:
     def __init__(self, store: SpillStore) -> None:
         self.store = store
         self.calls: dict[int, list[_Call]] = {}
+        self.kept = {"memory": 0, "disk": 0, "none": 0}  # batches put, by where they went (ever)
 
     def get(self, bi: int) -> _Teacher | None:
         tensors = self.store.get(bi)
         return None if tensors is None else _Teacher.from_tensors(self.calls[bi], tensors)
 
     def put(self, bi: int, t: _Teacher) -> None:
-        if self.store.put(bi, t.tensors()) != "none":
+        where = self.store.put(bi, t.tensors())
+        self.kept[where] += 1
+        if where != "none":
             self.calls[bi] = t.calls
 
     def clear(self) -> None:
@@ -945,15 +948,12 @@ def distill(
     train_data = [to_dev(_gather(samples, b, multiple)) for b in train_batches]
     token_pool = _inner_tokens(_gather(samples, train_idx)) if config.augment > 0 else None
     cache = _TeacherCache(SpillStore(config.cache_mb * 2**20, config.spill_mb * 2**20, spill_dir))
-    cached = spilled = 0
 
     def teacher_for(bi: int) -> _Teacher:
-        nonlocal cached, spilled
         t = cache.get(bi)
         if t is None:
             t = _run_teacher(teacher, t_blocks, train_data[bi], attention, low_precision, teacher_weights)
             cache.put(bi, t)
-            cached, spilled = max(cached, cache.store.in_memory), max(spilled, cache.store.on_disk)
         return t
 
     val_data = [to_dev(_gather(samples, b)) for b in val_batches]
@@ -1135,8 +1135,8 @@ def distill(
         val_samples=len(val_idx),
         trainable_params=sum(p.numel() for p in params.values()),
         trained_modules=len(replaced_modules(teacher, student)),
-        cached_batches=cached,
-        spilled_batches=spilled,
+        cached_batches=cache.kept["memory"],
+        spilled_batches=cache.kept["disk"],
         batches=len(train_batches),
         attention_weight=0.0 if attention is None else attention.weight,
         teacher_dtype="bfloat16" if low_precision else "float32",

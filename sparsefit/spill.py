@@ -41,7 +41,6 @@ class _Entry:
     """Where one entry's unique tensors lie in the file, and how to rebuild the entry's list."""
 
     offset: int
-    nbytes: int
     layout: tuple[tuple[torch.dtype, tuple[int, ...], torch.device], ...]
     order: tuple[int, ...]  # for each tensor of the entry, its index among the unique ones
 
@@ -61,9 +60,13 @@ def _unique(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[i
     return out, order
 
 
+def _size(unique: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in unique)
+
+
 def nbytes(tensors: Sequence[torch.Tensor]) -> int:
     """Bytes of the distinct tensors of ``tensors``."""
-    return sum(t.numel() * t.element_size() for t in _unique(tensors)[0])
+    return _size(_unique(tensors)[0])
 
 
 class SpillStore:
@@ -106,14 +109,14 @@ class SpillStore:
         """Keep ``tensors`` under ``key`` (a new key); returns where: ``"memory"``, ``"disk"`` or ``"none"``."""
         if key in self:
             raise KeyError(f"{key!r} is stored already")
-        size = nbytes(tensors)
+        unique, order = _unique(tensors)
+        size = _size(unique)
         if self.memory_used + size <= self.memory_budget:
             self._memory[key] = list(tensors)
             self.memory_used += size
             return "memory"
         if self.disk_used + size > self.disk_budget:
             return "none"
-        unique, order = _unique(tensors)
         try:
             if self._file is None:
                 self._file = tempfile.TemporaryFile(dir=self.directory)
@@ -126,7 +129,7 @@ class SpillStore:
             self.disk_budget = self.disk_used
             return "none"
         self._disk[key] = _Entry(
-            self.disk_used, size, tuple((t.dtype, tuple(t.shape), t.device) for t in unique), tuple(order)
+            self.disk_used, tuple((t.dtype, tuple(t.shape), t.device) for t in unique), tuple(order)
         )
         self.disk_used += size
         return "disk"
