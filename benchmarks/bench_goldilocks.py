@@ -9,6 +9,8 @@ a PNG (error against parameters, truncated SVD at the same budget beside it):
 
     python benchmarks/bench_goldilocks.py --size 256 --depths 6,9,12,16,20,24,32,48,64 \\
         --steps 1000,4000 --targets band3,sparse3 --json out.json --png docs/goldilocks.png
+
+``--grow 0,1`` adds the same fits grown from half the depth (``FitConfig.grow``) beside each curve.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schedule", default="anneal")
     ap.add_argument("--loss", default="exact")
     ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--grow", default="0", help="comma-separated depth doublings (FitConfig.grow) to compare")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -40,10 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.targets.split(","):
         kind, k = TARGETS[name]
         a = sparsefit.synth(kind, size=args.size, k=k, seed=args.seed)
-        for steps in (int(s) for s in args.steps.split(",")):
+        for steps, grow in ((int(s), int(g)) for s in args.steps.split(",") for g in args.grow.split(",")):
             for depth in (int(d) for d in args.depths.split(",")):
                 cfg = sparsefit.FitConfig(
-                    depth=depth, steps=steps, batch=args.batch, schedule=args.schedule, loss=args.loss, seed=args.seed
+                    depth=depth,
+                    steps=steps,
+                    batch=args.batch,
+                    schedule=args.schedule,
+                    loss=args.loss,
+                    seed=args.seed,
+                    grow=grow,
                 )
                 t0 = time.perf_counter()
                 m = sparsefit.fit(a, cfg).metrics
@@ -54,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                     depth=depth,
                     params=m.params,
                     steps=steps,
+                    grow=grow,
                     schedule=args.schedule,
                     loss=args.loss,
                     seed=args.seed,
@@ -63,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 rows.append(row)
                 print(
-                    f"{name} steps {steps} depth {depth}: {m.relative_error:.4g} (SVD {m.svd_relative_error:.4g})",
+                    f"{name} steps {steps} grow {grow} depth {depth}: "
+                    f"{m.relative_error:.4g} (SVD {m.svd_relative_error:.4g})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -84,9 +95,12 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
     for ax, name in zip(axes[0], targets, strict=True):
         sel = [r for r in rows if r["target"] == name]
-        for steps in sorted({r["steps"] for r in sel}):
-            pts = sorted((r["params"], r["relative_error"]) for r in sel if r["steps"] == steps)
-            ax.plot(*zip(*pts, strict=True), "o-", label=f"G~, {steps} steps")
+        for steps, grow in sorted({(r["steps"], r.get("grow", 0)) for r in sel}):
+            pts = sorted(
+                (r["params"], r["relative_error"]) for r in sel if (r["steps"], r.get("grow", 0)) == (steps, grow)
+            )
+            label = f"G~, {steps} steps" + (f", grown ({grow} doubling{'s' * (grow > 1)})" if grow else "")
+            ax.plot(*zip(*pts, strict=True), "o-" if not grow else "s-", label=label)
         svd = sorted({(r["params"], r["svd_relative_error"]) for r in sel})
         ax.plot(*zip(*svd, strict=True), "k--", label="truncated SVD, same parameters")
         ax.set_xscale("log")

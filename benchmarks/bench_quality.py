@@ -41,6 +41,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         backend=args.backend,
         device=args.device,
         polish=args.polish,
+        grow=args.grow,
         sampler=args.permutations,
     )
     t0 = time.perf_counter()
@@ -55,6 +56,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         "schedule": schedule,
         "loss": loss,
         "polish": args.polish,
+        "grow": args.grow,
         "permutations": args.permutations,
         "seed": seed,
         "steps": args.steps,
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--permutations", default="uniform", choices=sorted(SAMPLERS), help="permutation sampler")
     ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
+    ap.add_argument("--grow", type=int, default=0, help="depth doublings (FitConfig.grow)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--csv", default=None)

@@ -37,8 +37,7 @@ import torch
 from .config import FitConfig
 from .errors import SparsefitError
 from .fitting import FitResult, _emit, fit
-from .operator import GTilde, gtilde_num_parameters
-from .permutations import SAMPLERS, inverse_permutations, sample_permutations
+from .operator import GTilde, extend_operator, gtilde_num_parameters
 from .targets import Target, as_target
 
 
@@ -78,56 +77,6 @@ def max_depth_for(max_params: int, width: int) -> int:
     return max_params // gtilde_num_parameters(1, width)
 
 
-def extend_operator(op: GTilde, depth: int, *, seed: int = 0) -> GTilde:
-    """A deeper copy of ``op`` that computes the same matrix.
-
-    ``depth − op.depth`` identity layers (blocks ``I``, permutations from ``op``'s sampler) are
-    spread evenly before the trained layers; the permutation of the trained layer that follows
-    each inserted group is composed with the inverse of the group's permutations, so the product
-    is unchanged while the new layers add fresh pairings to train. The last layer stays last, so
-    the output order is kept.
-    """
-    extra = depth - op.depth
-    if extra < 0:
-        raise SparsefitError(f"cannot extend a depth-{op.depth} operator to depth {depth}")
-    old_blocks = op.blocks.detach().cpu()
-    old_perms = op.perms.cpu()
-    if extra == 0:
-        perms_out, blocks_out = old_perms.clone(), old_blocks.clone()
-        return _like(op, depth, perms_out, blocks_out)
-    sampler = op.sampler if op.sampler in SAMPLERS else "uniform"
-    gen = torch.Generator().manual_seed(seed)
-    new_perms = sample_permutations(extra, op.width, gen, sampler)
-    eye = torch.eye(2, dtype=old_blocks.dtype).expand(op.width // 2, 2, 2)
-    before = [(i * op.depth) // extra for i in range(extra)]  # old layer each new one precedes
-    perms, blocks, used = [], [], 0
-    for j in range(op.depth):
-        comp = torch.arange(op.width, dtype=torch.int64)
-        while used < extra and before[used] == j:
-            perms.append(new_perms[used])
-            blocks.append(eye)
-            comp = comp[new_perms[used]]
-            used += 1
-        perms.append(inverse_permutations(comp[None])[0][old_perms[j]])
-        blocks.append(old_blocks[j])
-    return _like(op, depth, torch.stack(perms), torch.stack(blocks).contiguous())
-
-
-def _like(op: GTilde, depth: int, perms: torch.Tensor, blocks: torch.Tensor) -> GTilde:
-    """A CPU operator with ``op``'s shape, seed and sampler name, and these layers."""
-    return GTilde(
-        op.in_features,
-        op.out_features,
-        depth,
-        op.width,
-        seed=op.seed,
-        sampler=op.sampler,
-        dtype=blocks.dtype,
-        perms=perms,
-        blocks=blocks,
-    )
-
-
 def depth_ladder(d_min: int, d_max: int, growth: float = 2.0) -> list[int]:
     """``d_min, ⌈growth·d_min⌉, …`` capped at and always ending with ``d_max``."""
     out = [d_min]
@@ -158,7 +107,7 @@ def fit_auto(
     ``2·width``). At least one of the two is needed. min_depth: first depth tried (default
     ``ceil(log2 width)``). refine: bisection fits after the ladder brackets the target.
     warm_start: start deeper trials from the best shallower fit (uniform permutations only;
-    other samplers and closed-form inits start fresh). callbacks: passed to every trial's fit;
+    other samplers, closed-form inits and ``grow`` fits start fresh). callbacks: passed to every trial's fit;
     an ``on_trial(Trial)`` method, if present, is called after each trial.
 
     Returns an :class:`AutoFitResult`. A target that no allowed depth reaches is not an error:
@@ -194,7 +143,7 @@ def fit_auto(
     d_min = min(d_max, min_depth if min_depth is not None else levels)
     if d_min < 1:
         raise SparsefitError(f"min_depth must be at least 1, got {min_depth}")
-    warm = warm_start and config.sampler == "uniform" and config.init == "random"
+    warm = warm_start and config.sampler == "uniform" and config.init == "random" and not config.grow
 
     fits: dict[int, FitResult] = {}
     search: list[Trial] = []

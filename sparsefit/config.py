@@ -9,7 +9,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import SparsefitError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: FitConfig.grow
 
 C = TypeVar("C", bound="VersionedConfig")
 
@@ -139,6 +139,21 @@ SCHEDULES = {
     "low-reg": low_reg_schedule,
 }
 
+#: The most depth doublings ``FitConfig.grow`` may ask for.
+MAX_GROW = 6
+#: Regulariser weight of the stages after a depth doubling (see :func:`growth_phases`).
+GROW_REG = 0.03
+
+
+def growth_phases(lr: float = 1e-2) -> tuple[Phase, ...]:
+    """The schedule of each stage after a depth doubling (``FitConfig.grow``): 3/4 of its steps at
+    ``lr``, then 1/4 at ``lr/10``, both with the weak regulariser :data:`GROW_REG`. The doubled
+    operator starts as the previous stage's matrix (identity layers inserted), so there is no
+    orthogonal start to hold on to; at 256 × 256 the second stage's error moved by at most 0.03
+    between reg 0 and 0.3 (``docs/quality.md`` §7)."""
+    return (Phase(3 / 4, lr, GROW_REG), Phase(1 / 4, lr / 10, GROW_REG))
+
+
 #: How the blocks start: ``random`` orthogonal (the note's), or ``butterfly`` (the closed-form
 #: hierarchical factorisation of :mod:`sparsefit.butterfly`; needs the butterfly sampler, a
 #: power-of-two width and the dense target).
@@ -168,6 +183,10 @@ class FitConfig(VersionedConfig):
     ``butterfly``, see :data:`INITS`) picks the starting blocks and ``loss`` (``probes`` or
     ``exact``, see :data:`LOSSES`) the training loss; ``steps=0`` keeps a closed-form init as it is.
     ``polish``: L-BFGS iterations on the exact loss after the Adam steps (0: none).
+    ``grow``: depth doublings. With ``grow = g`` the fit runs in ``g + 1`` stages of equal steps:
+    the first at depth ``ceil(depth / 2^g)`` with the schedule, each next one at twice the depth
+    (identity layers inserted, the matrix unchanged, see :func:`sparsefit.operator.extend_operator`)
+    with :func:`growth_phases`, the last at ``depth``. 0: one stage, the note's protocol.
     """
 
     depth: int | None = None
@@ -186,6 +205,7 @@ class FitConfig(VersionedConfig):
     init: str = "random"
     loss: str = "probes"
     polish: int = 0
+    grow: int = 0
 
     KIND: ClassVar[str] = "fit config"
     VERSION: ClassVar[int] = CONFIG_VERSION
@@ -220,6 +240,18 @@ class FitConfig(VersionedConfig):
         object.__setattr__(self, "backend", parse_backend(self.backend).value)  # "numba" (old name) -> "cpu"
         if self.polish < 0:
             raise SparsefitError(f"polish must be >= 0 L-BFGS iterations, got {self.polish}")
+        if isinstance(self.grow, bool) or not isinstance(self.grow, int) or not (0 <= self.grow <= MAX_GROW):
+            raise SparsefitError(
+                f"grow must be a whole number of depth doublings from 0 to {MAX_GROW}, got {self.grow!r}"
+            )
+        if self.grow and self.init != "random":
+            raise SparsefitError(
+                "--grow starts from a shallower random operator; it cannot be combined with --init butterfly"
+            )
+        if self.grow and self.steps < self.grow + 1:
+            raise SparsefitError(
+                f"--grow {self.grow} needs at least {self.grow + 1} steps (one per stage), got {self.steps}"
+            )
         if self.eval_every < 1:
             raise SparsefitError(f"eval_every must be at least 1, got {self.eval_every}")
         if self.seed < 0:
@@ -251,12 +283,24 @@ class FitConfig(VersionedConfig):
     def resolved_phases(self) -> tuple[Phase, ...]:
         return self.phases if self.phases is not None else SCHEDULES[self.schedule](self.lr)
 
+    def stage_steps(self, depth: int) -> list[tuple[int, int]]:
+        """``(first_step, depth)`` of each stage (one without ``grow``): stage ``i`` of ``g + 1``
+        starts at step ``round(i·steps / (g + 1))`` at depth ``ceil(depth / 2^(g − i))``."""
+        g = self.grow
+        return [(round(i * self.steps / (g + 1)), max(1, math.ceil(depth / 2 ** (g - i)))) for i in range(g + 1)]
+
     def phase_steps(self) -> list[tuple[int, Phase]]:
-        """``(first_step, phase)`` for each phase, boundaries rounded to whole steps."""
-        out, acc = [], 0.0
-        for p in self.resolved_phases():
-            out.append((round(acc * self.steps), p))
-            acc += p.fraction
+        """``(first_step, phase)`` for each phase, boundaries rounded to whole steps: the schedule
+        over the first stage, then :func:`growth_phases` over each later one (see ``grow``)."""
+        g = self.grow
+        bounds = [round(i * self.steps / (g + 1)) for i in range(g + 2)]
+        out = []
+        for i in range(g + 1):
+            phases = self.resolved_phases() if i == 0 else growth_phases(self.lr)
+            acc = 0.0
+            for p in phases:
+                out.append((bounds[i] + round(acc * (bounds[i + 1] - bounds[i])), p))
+                acc += p.fraction
         return out
 
     def replace(self, **changes: Any) -> FitConfig:

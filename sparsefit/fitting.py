@@ -19,7 +19,13 @@ from .config import FitConfig, Phase
 from .errors import SparsefitError
 from .kernels import Backend, dispatch, fused_cpu_available, parse_backend, resolve_backend
 from .metrics import ErrorEstimate, SvdBaseline, relative_error, svd_baseline
-from .operator import GTilde, gtilde_flops_per_matvec, orthogonality_penalty, orthogonality_penalty_grad
+from .operator import (
+    GTilde,
+    extend_operator,
+    gtilde_flops_per_matvec,
+    orthogonality_penalty,
+    orthogonality_penalty_grad,
+)
 from .targets import Target, as_target
 
 #: ``loss="exact"`` probes with all ``in_features`` unit vectors each step; beyond this many it refuses.
@@ -376,6 +382,20 @@ def polish(
     return losses
 
 
+def _grow(
+    op: GTilde, best: BestSoFar, depth: int, config: FitConfig, out_features: int, seed: int
+) -> tuple[GTilde, TorchStep | NumbaStep, BestSoFar]:
+    """The next stage of a ``grow`` fit: ``op`` at its best so far, extended to ``depth`` (the same
+    matrix), a fresh step (optimiser state) for it, and a tracker whose best is that start."""
+    best.restore(op)
+    deeper = extend_operator(op, depth, seed=seed).to(device=op.blocks.device, dtype=op.blocks.dtype)
+    tracker = BestSoFar(best.every, op.blocks.device)
+    tracker.history = best.history
+    tracker.last_mse = best.last_mse
+    tracker.best_mse, tracker.best_blocks = best.best_mse, deeper.blocks.detach().clone()
+    return deeper, make_step(deeper, config, out_features), tracker
+
+
 def _phase_at(phases: list[tuple[int, Phase]], step: int) -> int:
     idx = 0
     while idx + 1 < len(phases) and step >= phases[idx + 1][0]:
@@ -427,19 +447,23 @@ def fit(
 
         init = butterfly_init(tgt, depth, width, seed=config.seed, dtype=dtype)
     start_blocks = None  # kept if the steps end worse than the start
+    stages = config.stage_steps(depth)
     if init is not None:
+        if config.grow:
+            raise SparsefitError("a depth-doubling fit (grow) starts from its own shallow operator; give no init")
         if (init.out_features, init.in_features, init.width) != (m, k, width):
             raise SparsefitError("init operator does not match the target's shape and width")
         op = init.to(device=device, dtype=dtype)
         start_blocks = op.blocks.detach().clone()
     else:
-        op = GTilde(k, m, depth, width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
+        op = GTilde(k, m, stages[0][1], width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
     source = make_probe_source(tgt, config, op, probes)
     step = make_step(op, config, m)
     phases = config.phase_steps()
     info = {
         "steps": config.steps,
-        "depth": op.depth,
+        "depth": depth,
+        "stages": [{"first_step": s, "depth": d} for s, d in stages],
         "width": width,
         "shape": (m, k),
         "device": str(device),
@@ -453,8 +477,11 @@ def fit(
     reporter = _Reporter(callbacks, config.steps, device)
     interrupted = False
     done = 0
+    grow_at = {first: (i, d) for i, (first, d) in enumerate(stages) if i > 0}
     try:
         for i in range(config.steps):
+            if i in grow_at:  # a depth doubling: the best of the stage, deeper, the same matrix
+                op, step, best = _grow(op, best, grow_at[i][1], config, m, seed=config.seed + grow_at[i][0])
             phase_idx = _phase_at(phases, i)
             phase = phases[phase_idx][1]
             x, t = source.next()
@@ -468,6 +495,8 @@ def fit(
         interrupted = True
     best.restore(op)
     op.blocks.grad = None
+    if op.depth < depth:  # stopped before the last stage: the best so far, at the asked depth
+        op = extend_operator(op, depth, seed=config.seed + len(stages)).to(device=device, dtype=dtype)
     if config.polish and not interrupted:
         exact = source if isinstance(source, ExactProbes) else _exact_source(tgt, op)
         before = op.blocks.detach().clone()

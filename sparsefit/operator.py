@@ -32,12 +32,13 @@ from .errors import SparsefitError
 from .kernels import dispatch
 from .kernels.reference import gtilde_reference, gtilde_transpose_reference
 from .kernels.torch_path import gtilde_torch, gtilde_transpose_torch
-from .permutations import inverse_permutations, sample_permutations
+from .permutations import SAMPLERS, inverse_permutations, sample_permutations
 
 __all__ = [
     "GTilde",
     "check_shape",
     "default_width",
+    "extend_operator",
     "gtilde_flops_per_matvec",
     "gtilde_num_parameters",
     "gtilde_reference",
@@ -238,3 +239,56 @@ class GTilde(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
             f"width={self.width}, sampler={self.sampler!r}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Deeper copies (warm starts of a depth search, depth doublings of a fit)
+# ----------------------------------------------------------------------------------------------
+def extend_operator(op: GTilde, depth: int, *, seed: int = 0) -> GTilde:
+    """A deeper copy of ``op`` that computes the same matrix.
+
+    ``depth − op.depth`` identity layers (blocks ``I``, permutations from ``op``'s sampler) are
+    spread evenly before the trained layers; the permutation of the trained layer that follows
+    each inserted group is composed with the inverse of the group's permutations, so the product
+    is unchanged while the new layers add fresh pairings to train. The last layer stays last, so
+    the output order is kept.
+    """
+    extra = depth - op.depth
+    if extra < 0:
+        raise SparsefitError(f"cannot extend a depth-{op.depth} operator to depth {depth}")
+    old_blocks = op.blocks.detach().cpu()
+    old_perms = op.perms.cpu()
+    if extra == 0:
+        perms_out, blocks_out = old_perms.clone(), old_blocks.clone()
+        return _like(op, depth, perms_out, blocks_out)
+    sampler = op.sampler if op.sampler in SAMPLERS else "uniform"
+    gen = torch.Generator().manual_seed(seed)
+    new_perms = sample_permutations(extra, op.width, gen, sampler)
+    eye = torch.eye(2, dtype=old_blocks.dtype).expand(op.width // 2, 2, 2)
+    before = [(i * op.depth) // extra for i in range(extra)]  # old layer each new one precedes
+    perms, blocks, used = [], [], 0
+    for j in range(op.depth):
+        comp = torch.arange(op.width, dtype=torch.int64)
+        while used < extra and before[used] == j:
+            perms.append(new_perms[used])
+            blocks.append(eye)
+            comp = comp[new_perms[used]]
+            used += 1
+        perms.append(inverse_permutations(comp[None])[0][old_perms[j]])
+        blocks.append(old_blocks[j])
+    return _like(op, depth, torch.stack(perms), torch.stack(blocks).contiguous())
+
+
+def _like(op: GTilde, depth: int, perms: torch.Tensor, blocks: torch.Tensor) -> GTilde:
+    """A CPU operator with ``op``'s shape, seed and sampler name, and these layers."""
+    return GTilde(
+        op.in_features,
+        op.out_features,
+        depth,
+        op.width,
+        seed=op.seed,
+        sampler=op.sampler,
+        dtype=blocks.dtype,
+        perms=perms,
+        blocks=blocks,
+    )

@@ -46,6 +46,19 @@ def test_fit_writes_file_and_json(tmp_path, perm):
     assert header["config"]["steps"] == 120 and header["interrupted"] is False
 
 
+def test_fit_grow_writes_the_asked_depth_and_says_how_it_grew(tmp_path, perm):
+    out = tmp_path / "G.safetensors"
+    r = run("fit", perm, *FAST[:-1], "--grow", 1, "-o", out)  # not quiet: the table
+    assert r.exit_code == 0, r.output
+    assert "grown 3 → 6" in r.output
+    op, _, header = sparsefit.load(out)
+    assert op.depth == 6 and header["config"]["grow"] == 1
+    for bad, msg in (("7", "doublings from 0 to 6"), ("-1", "doublings from 0 to 6")):
+        r = run("fit", perm, *FAST, "--grow", bad, "-o", tmp_path / "bad.safetensors")
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+        assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_fit_default_output_and_table(tmp_path, perm):
     r = run("fit", perm, "--steps", 60, "--batch", 16, "--depth", 4)
     assert r.exit_code == 0, r.output

@@ -236,3 +236,89 @@ def test_polish_lowers_the_exact_loss_and_same_seed_same_bytes():
     assert torch.equal(pol.operator.blocks, again.operator.blocks)
     with pytest.raises(SparsefitError, match="polish"):
         FitConfig(polish=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Depth doublings (FitConfig.grow)
+# ----------------------------------------------------------------------------------------------
+def test_grow_stages_and_phases():
+    assert FitConfig(steps=12).stage_steps(40) == [(0, 40)]
+    assert FitConfig(steps=12, grow=1).stage_steps(40) == [(0, 20), (6, 40)]
+    assert FitConfig(steps=10, grow=2).stage_steps(10) == [(0, 3), (3, 5), (7, 10)]
+    c = FitConfig(steps=1200, grow=1)
+    # the schedule squeezed into the first 600 steps, then 3/4 at lr and 1/4 at lr/10, reg 0.03
+    assert [s for s, _ in c.phase_steps()] == [0, 350, 500, 600, 1050]
+    assert [p.reg for _, p in c.phase_steps()] == [3.0, 0.3, 0.3, 0.03, 0.03]
+    assert [p.lr for _, p in c.phase_steps()] == [1e-2, 1e-2, 1e-3, 1e-2, 1e-3]
+    back = FitConfig.from_dict(c.to_dict())  # the file writes the schedule out as phases
+    assert back.grow == 1 and back.phase_steps() == c.phase_steps()
+    # a file written before grow existed (version 1) reads as grow 0
+    old = {k: v for k, v in FitConfig(steps=7).to_dict().items() if k != "grow"} | {"version": 1}
+    assert FitConfig.from_dict(old).grow == 0
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"grow": -1}, "doublings"),
+        ({"grow": 7}, "doublings"),
+        ({"grow": True}, "doublings"),
+        ({"grow": 1.5}, "doublings"),
+        ({"grow": 2, "steps": 2}, "at least 3 steps"),
+        ({"grow": 1, "init": "butterfly", "sampler": "butterfly"}, "butterfly"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_grow_validation(kw, msg):
+    with pytest.raises(SparsefitError, match=msg):
+        FitConfig(**kw)
+
+
+def test_grow_fit_ends_at_the_asked_depth_same_bytes_and_no_init():
+    from sparsefit.operator import GTilde
+
+    a = sparsefit.synth("band", size=16, k=2, seed=1)
+    cfg = FitConfig(depth=9, steps=200, batch=32, loss="exact", grow=2, eval_every=20)
+    starts = []
+
+    class CB:
+        def on_start(self, info):
+            starts.append(info)
+
+    r = fit(a, cfg, [CB()])
+    assert r.operator.depth == 9 and r.metrics.depth == 9 and r.metrics.steps_run == 200
+    assert starts[0]["stages"] == [{"first_step": 0, "depth": 3}, {"first_step": 67, "depth": 5},
+                                   {"first_step": 133, "depth": 9}]
+    assert [s for s, _ in r.history] == sorted(s for s, _ in r.history) and r.history[-1][0] == 200
+    assert torch.equal(r.operator.blocks, fit(a, cfg).operator.blocks)
+    assert not torch.equal(r.operator.blocks, fit(a, cfg.replace(grow=1)).operator.blocks)
+    with pytest.raises(SparsefitError, match="give no init"):
+        fit(a, cfg, init=GTilde(16, 16, 9, 32))
+
+
+def test_grow_stopped_in_the_first_stage_keeps_the_best_at_the_asked_depth():
+    a = sparsefit.synth("perm", size=12, seed=0)
+    cfg = FitConfig(depth=8, steps=400, batch=24, loss="exact", grow=1, eval_every=25)
+    r = fit(a, cfg, should_stop=lambda: True)
+    assert r.interrupted and r.metrics.steps_run == 25 and r.operator.depth == 8
+    # the deeper copy is the shallow best's matrix: its error is the measured one, and finite
+    assert math.isfinite(r.metrics.relative_error)
+    assert r.metrics.relative_error == pytest.approx(float(relative_error(r.operator, as_target(a)).value), rel=1e-6)
+
+
+def test_grow_torch_and_fused_steps_agree_in_float64():
+    a = sparsefit.synth("sparse", size=10, k=2, seed=3)
+    cfg = FitConfig(depth=6, steps=60, batch=20, loss="exact", grow=1, dtype="float64", seed=2)
+    fused = fit(a, cfg.replace(backend="cpu"))
+    ref = fit(a, cfg.replace(backend="torch"))
+    assert torch.equal(fused.operator.perms, ref.operator.perms)
+    assert float((fused.operator.blocks - ref.operator.blocks).detach().abs().max()) < 1e-9
+
+
+def test_grow_helps_a_deep_fit():
+    """The reason grow exists (docs/quality.md §7): at a depth past the "goldilocks" one, a fit
+    grown from half the depth ends well below the one-stage fit with the same steps."""
+    a = sparsefit.synth("band", size=32, k=3, seed=0)
+    cfg = FitConfig(depth=24, steps=1500, batch=32, loss="exact", schedule="anneal", seed=0)
+    plain, grown = fit(a, cfg), fit(a, cfg.replace(grow=1))
+    assert grown.metrics.relative_error < 0.8 * plain.metrics.relative_error

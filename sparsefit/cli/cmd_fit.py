@@ -34,7 +34,7 @@ def fit_report_rows(r: FitResult, backend: str | None = None) -> list[tuple[str,
         svd = f"rank {m.svd_rank}: {m.svd_method}"
     rows = [
         ("matrix", f"{m.out_features} × {m.in_features}"),
-        ("G~", f"width {m.width}, depth {m.depth}"),
+        ("G~", f"width {m.width}, depth {m.depth}" + _stages(r)),
         ("relative error", err),
         ("MSE, last steps", fmt(m.mse_last)),
         ("parameters", f"{fmt(m.params)} vs {fmt(m.dense_params)} dense ({fmt(m.savings, 3)}× fewer)"),
@@ -46,6 +46,12 @@ def fit_report_rows(r: FitResult, backend: str | None = None) -> list[tuple[str,
     if backend:
         rows.append(("backend", backend))
     return rows
+
+
+def _stages(r: FitResult) -> str:
+    """``, grown 20 → 40`` for a depth-doubling fit, else nothing."""
+    stages = r.config.stage_steps(r.metrics.depth)
+    return "" if len(stages) == 1 else ", grown " + " → ".join(str(d) for _, d in stages)
 
 
 class TrialLog:
@@ -132,6 +138,14 @@ def fit_command(
             help=f"Training loss: {', '.join(LOSSES)} (exact: the whole ||G~ − A||² each step; auto: exact for targets with at most --batch columns, else probes)."
         ),
     ] = _DEFAULTS.loss,
+    grow: Annotated[
+        int,
+        typer.Option(
+            help="Depth doublings: train at depth/2^G first, then double the depth G times (identity layers "
+            "inserted, the matrix kept), in G+1 stages of equal steps (docs/quality.md §7). 0: the note's "
+            "one-stage protocol.",
+        ),
+    ] = _DEFAULTS.grow,
     target_error: Annotated[
         float | None,
         typer.Option(
@@ -182,6 +196,7 @@ def fit_command(
         backend=backend,
         init=init,
         loss=loss,
+        grow=grow,
     )
     out = check_output_path(output or default_output(matrix))
     check_json_target(json_out)

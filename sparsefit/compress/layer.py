@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..autosize import extend_operator
+from ..operator import extend_operator
 from ..errors import SparsefitError
 from ..operator import GTilde
 from .calibrate import LayerStats
@@ -137,7 +137,8 @@ def compress_matrix(
     prev: GTilde | None = None
     chosen = None
     for d in depths:
-        init = extend_operator(prev, d, seed=config.fit.seed + d) if prev is not None else None
+        # a depth doubling fit (fit.grow) starts shallower by itself, so it takes no warm start
+        init = extend_operator(prev, d, seed=config.fit.seed + d) if prev is not None and not config.fit.grow else None
         fc = config.fit.replace(depth=d, width=width)
         result = fit(target, fc, callbacks, init=init, probes=probes)
         if result.interrupted:
