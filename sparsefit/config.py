@@ -124,6 +124,15 @@ def anneal_cosine_schedule(lr: float = 1e-2, pieces: int = 12) -> tuple[Phase, .
     return tuple(Phase(1 / pieces, lr_i, r) for lr_i, r in zip(lrs, regs, strict=True))
 
 
+def hold_anneal_schedule(lr: float = 1e-2, pieces: int = 6) -> tuple[Phase, ...]:
+    """The note's hold, then ``anneal``'s release: reg 3 for 7/12 of the steps at ``lr``, then reg
+    annealed geometrically to 0.03 over 3/12 (in ``pieces`` equal phases), then 2/12 at ``lr/10``
+    with reg 0.03. Holding the orthogonality penalty pushes back the depth past which deep fits
+    fail (``docs/quality.md`` §7); ending it weak lowers the error below that depth."""
+    regs = _geometric(3.0, 0.03, pieces + 1)[1:]
+    return (Phase(7 / 12, lr, 3.0), *(Phase(3 / 12 / pieces, lr, r) for r in regs), Phase(2 / 12, lr / 10, 0.03))
+
+
 def low_reg_schedule(lr: float = 1e-2) -> tuple[Phase, ...]:
     """The note's phase lengths with a ten times weaker regulariser (0.3, then 0.03)."""
     return (Phase(7 / 12, lr, 0.3), Phase(3 / 12, lr, 0.03), Phase(2 / 12, lr / 10, 0.03))
@@ -136,6 +145,7 @@ SCHEDULES = {
     "anneal": anneal_schedule,
     "cosine": cosine_schedule,
     "anneal-cosine": anneal_cosine_schedule,
+    "hold-anneal": hold_anneal_schedule,
     "low-reg": low_reg_schedule,
 }
 

@@ -127,6 +127,11 @@ def test_phases_and_schedule():
     assert starts == [0, 700, 1000]
     assert [p.reg for _, p in c.phase_steps()] == [3.0, 0.3, 0.3]
     assert [p.lr for _, p in c.phase_steps()] == [1e-2, 1e-2, 1e-3]
+    held = FitConfig(steps=1200, schedule="hold-anneal")
+    assert [s for s, _ in held.phase_steps()] == [0, 700, 750, 800, 850, 900, 950, 1000]
+    regs = [p.reg for _, p in held.phase_steps()]
+    assert regs[0] == 3.0 and regs[-2:] == [pytest.approx(0.03), 0.03] and regs == sorted(regs, reverse=True)
+    assert [p.lr for _, p in held.phase_steps()] == [1e-2] * 7 + [1e-3]
     custom = FitConfig(phases=(Phase(0.5, 1e-2, 0.0), Phase(0.5, 1e-3, 0.0)))
     assert FitConfig.from_dict(custom.to_dict()) == custom
 
