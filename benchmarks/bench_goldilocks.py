@@ -10,7 +10,11 @@ a PNG (error against parameters, truncated SVD at the same budget beside it):
     python benchmarks/bench_goldilocks.py --size 256 --depths 6,9,12,16,20,24,32,48,64 \\
         --steps 1000,4000 --targets band3,sparse3 --json out.json --png docs/goldilocks.png
 
-``--grow 0,1`` adds the same fits grown from half the depth (``FitConfig.grow``) beside each curve.
+``--grow 0,1`` adds the same fits grown from half the depth (``FitConfig.grow``) beside each curve;
+``--plot a.json,b.json --png out.png`` draws earlier runs together (e.g. two schedules):
+
+    python benchmarks/bench_goldilocks.py --plot benchmarks/results/goldilocks_grow_256.json,\
+benchmarks/results/goldilocks_grow_paper_256.json --png docs/goldilocks_grow.png
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
+    ap.add_argument(
+        "--plot", default=None, help="comma-separated JSON files of earlier runs: plot them together, fit nothing"
+    )
     args = ap.parse_args(argv)
+    if args.plot:
+        rows = [r for path in args.plot.split(",") for r in json.load(open(path))]
+        plot(rows, args.png or "goldilocks.png")
+        return
     rows = []
     for name in args.targets.split(","):
         kind, k = TARGETS[name]
@@ -95,19 +106,22 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
     for ax, name in zip(axes[0], targets, strict=True):
         sel = [r for r in rows if r["target"] == name]
-        for steps, grow in sorted({(r["steps"], r.get("grow", 0)) for r in sel}):
+        curves = sorted({(r["schedule"], r["steps"], r.get("grow", 0)) for r in sel})
+        for schedule, steps, grow in curves:
             pts = sorted(
-                (r["params"], r["relative_error"]) for r in sel if (r["steps"], r.get("grow", 0)) == (steps, grow)
+                (r["params"], r["relative_error"])
+                for r in sel
+                if (r["schedule"], r["steps"], r.get("grow", 0)) == (schedule, steps, grow)
             )
-            label = f"G~, {steps} steps" + (f", grown ({grow} doubling{'s' * (grow > 1)})" if grow else "")
-            ax.plot(*zip(*pts, strict=True), "o-" if not grow else "s-", label=label)
+            label = f"G~, {schedule}, {steps} steps" + (f", grown ({grow} doubling{'s' * (grow > 1)})" if grow else "")
+            ax.plot(*zip(*pts, strict=True), "o-" if not grow else "s--", label=label)
         svd = sorted({(r["params"], r["svd_relative_error"]) for r in sel})
         ax.plot(*zip(*svd, strict=True), "k--", label="truncated SVD, same parameters")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters (2 · width · depth)")
         ax.set_ylabel("relative error ||G~ − A||_F / ||A||_F")
-        ax.set_title(f"{name}, {sel[0]['size']}×{sel[0]['size']}, {sel[0]['schedule']}/{sel[0]['loss']}")
+        ax.set_title(f"{name}, {sel[0]['size']}×{sel[0]['size']}, {sel[0]['loss']} loss")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

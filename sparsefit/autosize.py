@@ -32,12 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from .config import FitConfig
 from .errors import SparsefitError
 from .fitting import FitResult, _emit, fit
-from .operator import GTilde, extend_operator, gtilde_num_parameters
+from .operator import extend_operator, gtilde_num_parameters
 from .targets import Target, as_target
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import IO, Hashable
+from typing import IO
 
 import torch
 
@@ -168,4 +168,3 @@ class SpillStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

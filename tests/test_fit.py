@@ -292,8 +292,11 @@ def test_grow_fit_ends_at_the_asked_depth_same_bytes_and_no_init():
 
     r = fit(a, cfg, [CB()])
     assert r.operator.depth == 9 and r.metrics.depth == 9 and r.metrics.steps_run == 200
-    assert starts[0]["stages"] == [{"first_step": 0, "depth": 3}, {"first_step": 67, "depth": 5},
-                                   {"first_step": 133, "depth": 9}]
+    assert starts[0]["stages"] == [
+        {"first_step": 0, "depth": 3},
+        {"first_step": 67, "depth": 5},
+        {"first_step": 133, "depth": 9},
+    ]
     assert [s for s, _ in r.history] == sorted(s for s, _ in r.history) and r.history[-1][0] == 200
     assert torch.equal(r.operator.blocks, fit(a, cfg).operator.blocks)
     assert not torch.equal(r.operator.blocks, fit(a, cfg.replace(grow=1)).operator.blocks)

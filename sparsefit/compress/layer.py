@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from ..operator import extend_operator
 from ..errors import SparsefitError
-from ..operator import GTilde
+from ..operator import GTilde, extend_operator
 from .calibrate import LayerStats
 from .config import CompressConfig
 from .replacement import Replacement
