@@ -477,7 +477,7 @@ def test_attention_weight_needs_query_and_key_projections(monkeypatch):
     assert find_attention(no_heads, teacher.encoder.layer, None) is None
     # the default on a model whose attention it cannot read: distils, without the term
     student = compressed(teacher)
-    monkeypatch.setattr("sparsefit.distill._QK_NAMES", (("q_lin", "k_lin"),))
+    monkeypatch.setattr("sparsefit.distill.attention._QK_NAMES", (("q_lin", "k_lin"),))
     report = distill(teacher, student, calibration(), dataclasses.replace(CFG, steps=5, layer_steps=2))
     assert report.attention_weight == 0.0 and report.config["attention_weight"] is None
 
@@ -516,9 +516,9 @@ def test_bfloat16_teacher_targets_are_float32_and_close(monkeypatch):
     # auto: bfloat16 only where the CPU multiplies it natively
     cpu = torch.device("cpu")
     auto = DistillConfig(teacher_dtype="auto")
-    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr("sparsefit.distill.precision._cpu_flags", lambda: {"avx2", "avx512f"})
     assert not runs_in_bfloat16(auto.teacher_dtype, cpu) and runs_in_bfloat16("bfloat16", cpu)
-    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr("sparsefit.distill.precision._cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert runs_in_bfloat16(auto.teacher_dtype, cpu) and not runs_in_bfloat16("float32", cpu)
 
 
@@ -777,7 +777,7 @@ def test_bfloat16_student_distils_with_padded_widths_and_same_bytes(monkeypatch)
         widths.append((multiple, out["input_ids"].shape[1], int(samples["attention_mask"][idx].sum(1).max())))
         return out
 
-    monkeypatch.setattr("sparsefit.distill._gather", spy)
+    monkeypatch.setattr("sparsefit.distill.loop._gather", spy)
     runs = []
     for _ in range(2):
         student = compressed(teacher, sparse=True)
@@ -794,7 +794,7 @@ def test_bfloat16_student_distils_with_padded_widths_and_same_bytes(monkeypatch)
     # auto: bfloat16 only where the CPU multiplies it natively, like the teacher
     cpu = torch.device("cpu")
     auto = DistillConfig()
-    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr("sparsefit.distill.precision._cpu_flags", lambda: {"avx2", "avx512f"})
     assert not runs_in_bfloat16(auto.student_dtype, cpu) and runs_in_bfloat16("bfloat16", cpu)
-    monkeypatch.setattr("sparsefit.distill._cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr("sparsefit.distill.precision._cpu_flags", lambda: {"amx_bf16"})
     assert runs_in_bfloat16(auto.student_dtype, cpu) and not runs_in_bfloat16("float32", cpu)
