@@ -293,19 +293,22 @@ class FitConfig(VersionedConfig):
     def resolved_phases(self) -> tuple[Phase, ...]:
         return self.phases if self.phases is not None else SCHEDULES[self.schedule](self.lr)
 
+    def _stage_bounds(self) -> list[int]:
+        """The first step of each of the ``grow + 1`` stages, then ``steps``."""
+        return [round(i * self.steps / (self.grow + 1)) for i in range(self.grow + 2)]
+
     def stage_steps(self, depth: int) -> list[tuple[int, int]]:
         """``(first_step, depth)`` of each stage (one without ``grow``): stage ``i`` of ``g + 1``
         starts at step ``round(i·steps / (g + 1))`` at depth ``ceil(depth / 2^(g − i))``."""
         g = self.grow
-        return [(round(i * self.steps / (g + 1)), max(1, math.ceil(depth / 2 ** (g - i)))) for i in range(g + 1)]
+        return [(first, max(1, math.ceil(depth / 2 ** (g - i)))) for i, first in enumerate(self._stage_bounds()[:-1])]
 
     def phase_steps(self) -> list[tuple[int, Phase]]:
         """``(first_step, phase)`` for each phase, boundaries rounded to whole steps: the schedule
         over the first stage, then :func:`growth_phases` over each later one (see ``grow``)."""
-        g = self.grow
-        bounds = [round(i * self.steps / (g + 1)) for i in range(g + 2)]
+        bounds = self._stage_bounds()
         out = []
-        for i in range(g + 1):
+        for i in range(self.grow + 1):
             phases = self.resolved_phases() if i == 0 else growth_phases(self.lr)
             acc = 0.0
             for p in phases:
