@@ -12,6 +12,11 @@ kernel, the regulariser gradient, the optimiser (``--loss exact`` drops the firs
 
     python benchmarks/bench_cpu_step.py --split sparse3 --depth 40 --batch 1024 [--loss exact]
 
+``--seglen auto,1,2,8`` compares the fit's segment-length tuner (``auto``) with fixed checkpoint
+segment lengths, their steps interleaved in one process (every length gives the same bytes):
+
+    python benchmarks/bench_cpu_step.py --split sparse3 --depth 40 --batch 1024 --loss exact --seglen auto,2,8
+
 ``--subnormal F`` sets a fraction ``F`` of the block entries to 1e-40 (subnormal in float32), as
 happens near the end of a fit; the numba kernels flush such values to zero
 (``sparsefit/kernels/fpenv.py``), so their time should not move, while the torch paths slow down.
@@ -52,11 +57,14 @@ def time_it(fn, args, repeats, inputs):
 
 
 def split_step(a, dt) -> list[dict]:
-    """Time each part of a fit step (median / min over ``a.repeats`` steps), in fit()'s order."""
+    """Time each part of a fit step (median / min over ``a.repeats`` steps), in fit()'s order; one
+    row set per ``--seglen`` setting, the settings' steps interleaved so that they share the
+    host's load."""
     import math
 
     import sparsefit
     from sparsefit.fitting import make_probe_source, make_step
+    from sparsefit.kernels import cpu as cpu_kernel
     from sparsefit.operator import GTilde
     from sparsefit.targets import as_target
 
@@ -65,28 +73,45 @@ def split_step(a, dt) -> list[dict]:
     size = a.width // 2
     tgt = as_target(sparsefit.synth(kind, size=size, k=kk, seed=0))
     config = sparsefit.FitConfig(depth=a.depth, batch=a.batch, loss=a.loss, dtype=a.dtype, backend=a.backend)
-    op = GTilde(size, size, a.depth, a.width, seed=0, dtype=dt)
-    probes = make_probe_source(tgt, config, op, None)
-    step = make_step(op, config, tgt.shape[0])
+    settings = a.seglen.split(",")
+    runs = []
+    for setting in settings:
+        op = GTilde(size, size, a.depth, a.width, seed=0, dtype=dt)
+        step = make_step(op, config, tgt.shape[0])
+        if setting != "auto":
+            if not hasattr(step, "tuner"):
+                raise SystemExit("--seglen N needs the cpu backend")
+            step.tuner = cpu_kernel.SegmentTuner((int(setting),))
+        runs.append((setting, make_probe_source(tgt, config, op, None), step, {}, []))
     phase = config.phase_steps()[0][1]
-    parts: dict[str, list[float]] = {}
-    cpu: list[float] = []
     for i in range(a.repeats + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        x, t = probes.next()
-        step(x, t, phase)
-        timings = {**probes.timings, **step.timings}
-        if i:  # the first step compiles
-            for name, sec in timings.items():
-                parts.setdefault(name, []).append(sec)
-            parts.setdefault("total", []).append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    assert math.isfinite(float(step.last_mse))
-    rows = [dict(part=name, median_ms=statistics.median(v) * 1e3, min_ms=min(v) * 1e3) for name, v in parts.items()]
-    # CPU seconds of all threads: on a shared machine a steadier measure of the work than wall time
-    rows.append(
-        dict(part="total, CPU time of all threads", median_ms=statistics.median(cpu) * 1e3, min_ms=min(cpu) * 1e3)
-    )
+        for _, probes, step, parts, cpu in runs:
+            t0, c0 = time.perf_counter(), time.process_time()
+            x, t = probes.next()
+            step(x, t, phase)
+            timings = {**probes.timings, **step.timings}
+            if i:  # the first step compiles
+                for name, sec in timings.items():
+                    parts.setdefault(name, []).append(sec)
+                parts.setdefault("total", []).append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+    rows = []
+    for setting, _, step, parts, cpu in runs:
+        assert math.isfinite(float(step.last_mse))
+        tag = f"seglen {setting}" + (f" (chose {step.tuner.choice})" if hasattr(step, "tuner") else "")
+        rows += [
+            dict(setting=tag, part=name, median_ms=statistics.median(v) * 1e3, min_ms=min(v) * 1e3)
+            for name, v in parts.items()
+        ]
+        # CPU seconds of all threads: on a shared machine a steadier measure of the work than wall time
+        rows.append(
+            dict(
+                setting=tag,
+                part="total, CPU time of all threads",
+                median_ms=statistics.median(cpu) * 1e3,
+                min_ms=min(cpu) * 1e3,
+            )
+        )
     return rows
 
 
@@ -104,6 +129,11 @@ def main(argv=None):
     ap.add_argument("--loss", default="probes", help="with --split: probes or exact")
     ap.add_argument("--backend", default="auto", help="with --split: the fit backend")
     ap.add_argument("--subnormal", type=float, default=0.0, help="fraction of block entries set to 1e-40")
+    ap.add_argument(
+        "--seglen",
+        default="auto",
+        help="with --split: comma list of checkpoint segment lengths to compare, 'auto' = the fit's tuner",
+    )
     a = ap.parse_args(argv)
     if not 0 <= a.subnormal <= 1:
         ap.error(f"--subnormal is a fraction in [0, 1], got {a.subnormal}")
@@ -114,9 +144,9 @@ def main(argv=None):
             f"fit step split: {a.split}, width {a.width}, depth {a.depth}, batch {a.batch}, loss {a.loss}, "
             f"{a.dtype}, threads {torch.get_num_threads()}"
         )
-        print("part | median_ms | min_ms")
+        print("setting | part | median_ms | min_ms")
         for r in rows:
-            print(f"{r['part']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}")
+            print(f"{r['setting']} | {r['part']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}")
         _write_json(a, rows)
         return 0
     n, N = a.width, a.depth

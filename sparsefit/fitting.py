@@ -249,7 +249,8 @@ class TorchStep:
 class NumbaStep:
     """The fused numba kernel (forward, loss, block gradient), then one compiled pass that reduces
     the gradient groups, adds the regulariser's gradient and applies Adam (same update as
-    ``torch.optim.Adam``; see :func:`sparsefit.kernels.cpu.adam_step_reference`)."""
+    ``torch.optim.Adam``; see :func:`sparsefit.kernels.cpu.adam_step_reference`). The kernel's
+    checkpoint segment length is chosen by timing (:class:`sparsefit.kernels.cpu.SegmentTuner`)."""
 
     def __init__(self, op: GTilde, out_features: int) -> None:
         from .kernels import cpu
@@ -258,12 +259,25 @@ class NumbaStep:
         self.state = cpu.AdamState.zeros_like(op.blocks.detach())
         self.timings: dict[str, float] = {}
         self.last_mse = torch.zeros(())
+        depth, width = op.perms.shape
+        self.tuner = cpu.SegmentTuner(cpu.segment_candidates(depth, width, op.blocks.dtype))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, phase: Phase) -> torch.Tensor:
         blocks = self.op.blocks.detach()
+        seglen = self.tuner.next()  # speed only: every segment length gives the same bytes
         self.last_mse = self.cpu.adam_step_numba(
-            x, t, blocks, self.op.perms, self.m, self.state, lr=phase.lr, reg=phase.reg, timings=self.timings
+            x,
+            t,
+            blocks,
+            self.op.perms,
+            self.m,
+            self.state,
+            lr=phase.lr,
+            reg=phase.reg,
+            timings=self.timings,
+            seglen=seglen,
         )
+        self.tuner.record(seglen, self.timings["kernel"])
         return self.last_mse
 
     def loss_and_grad(self, x: torch.Tensor, t: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:

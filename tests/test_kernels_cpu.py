@@ -86,6 +86,73 @@ def test_segment_length_keeps_the_working_set_in_cache():
     assert seg(40, 2048, 4, lanes=8) > s32  # fewer lanes a chunk: more layers fit
 
 
+def test_segment_candidates():
+    assert cpu.segment_candidates(6, 100, torch.float64) == (1,)  # everything fits: nothing to tune
+    cands = cpu.segment_candidates(40, 2048, torch.float32)
+    assert cands[:3] == (1, 2, 4) and cands[-1] == cpu.segment_length(40, 2048, 4, cpu.LANES)
+    assert cpu.segment_candidates(3, 10**5, torch.float32) == (1, 2, 3)  # never past the depth
+
+
+def test_segment_tuner_explores_picks_the_fastest_median_and_reexplores():
+    tuner = cpu.SegmentTuner((1, 2, 8), trials=3, period=20)
+    cost = {1: 5.0, 2: 3.0, 8: 4.0}
+    seen = []
+    for step in range(9):
+        s = tuner.next()
+        seen.append(s)
+        spike = 100.0 if step == 1 else 0.0  # one slow trial of 2: the median ignores it
+        tuner.record(s, cost[s] + spike)
+    assert seen == [1, 2, 8] * 3 and tuner.choice == 2
+    assert [tuner.next() for _ in range(3)] == [2, 2, 2]
+    cost[2] = 9.0  # the host changed: the next exploration (at step 20) moves away from 2
+    for _ in range(11 + 9):
+        s = tuner.next()
+        tuner.record(s, cost[s])
+    assert tuner.choice == 8
+    assert cpu.SegmentTuner((4,)).next() == 4
+    with pytest.raises(ValueError):
+        cpu.SegmentTuner(())
+
+
+def test_workspace_keeps_buffers_per_shape():
+    import numpy as np
+
+    a = cpu._workspace("test-ws", (2, 3), np.float32)
+    b = cpu._workspace("test-ws", (2, 5), np.float32)
+    assert cpu._workspace("test-ws", (2, 3), np.float32) is a and cpu._workspace("test-ws", (2, 5), np.float32) is b
+    for extra in range(cpu._WORKSPACE_SHAPES):
+        cpu._workspace("test-ws", (3, extra + 1), np.float32)
+    assert cpu._workspace("test-ws", (2, 3), np.float32) is not a  # the least recently used went
+    assert sum(k[0] == "test-ws" for k in cpu._WORKSPACE) == cpu._WORKSPACE_SHAPES
+
+
+def test_fit_bytes_do_not_depend_on_the_tuned_segment_length(monkeypatch):
+    import sparsefit
+    from sparsefit import FitConfig, fit
+    from sparsefit.kernels import cpu_apply
+
+    # a tiny L2 budget so that a small fit has several candidates; a fake clock makes each fit's
+    # tuner prefer another one
+    monkeypatch.setattr(cpu_apply, "SEGMENT_BYTES", 2 * 40 * cpu.LANES * 8)
+    a = sparsefit.synth("sparse", size=20, k=2, seed=3)
+    cfg = FitConfig(depth=9, steps=60, batch=40, seed=1, backend="cpu", dtype="float64")
+    assert len(cpu.segment_candidates(9, 40, torch.float64)) > 2
+    results, used = [], []
+    real_record = cpu.SegmentTuner.record
+    for favourite in cpu.segment_candidates(9, 40, torch.float64)[:3]:
+        chosen = []
+
+        def record(self, seglen, seconds, favourite=favourite, chosen=chosen, real=real_record):
+            chosen.append(seglen)
+            real(self, seglen, 0.0 if seglen == favourite else 1.0)
+
+        monkeypatch.setattr(cpu.SegmentTuner, "record", record)
+        results.append(fit(a, cfg).operator.blocks)
+        used.append(chosen[-1])
+    assert len(set(used)) == 3  # each fit settled on another segment length
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
 def test_numba_step_independent_of_thread_count():
     import numba
 

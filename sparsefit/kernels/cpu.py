@@ -19,10 +19,11 @@ memory):
   permutation gathers whole lane rows;
 * a chunk's backward follows its forward immediately, on activations kept per thread: every
   layer's when they fit in ``cpu_apply.SEGMENT_BYTES`` (about one core's L2), else only the input of
-  each segment of ``cpu_apply.segment_length`` layers, the backward recomputing a segment's inner
-  activations (bit for bit the same) just before it walks back through it — one more forward's
-  arithmetic for a working set that stays in cache (``(N + 1)·n·LANES`` values are 10.5 MB at
-  n = 2048, N = 40);
+  each segment of ``seglen`` layers, the backward recomputing a segment's inner activations (bit
+  for bit the same) just before it walks back through it. Short segments keep more activations in
+  the shared L3, long ones recompute more; which is faster depends on how busy the host's L3 is,
+  so a fit times a few lengths as it goes (:class:`SegmentTuner`; ``(N + 1)·n·LANES`` values are
+  10.5 MB at n = 2048, N = 40);
 * the backward pass scatters the input gradient through the permutation (a bijection, so no
   write conflicts) and reduces the block gradient over the chunk's lanes;
 * chunks are spread over a fixed number of groups (not threads), each accumulating its own
@@ -110,11 +111,13 @@ def adam_step_reference(
     lr: float,
     reg: float,
     timings: dict[str, float] | None = None,
+    seglen: int | None = None,
 ) -> torch.Tensor:
     """One training step in plain PyTorch: :func:`fit_step_reference`, plus ``reg`` times the
     orthogonality penalty's gradient, then Adam (``torch.optim.Adam``'s update) on ``blocks`` in
     place. Returns the mse (0-d tensor). The penalty (mean over blocks of ``2·||I − BᵀB||²_F``) is
-    differentiated by autograd here, so this also checks the fused pass's closed form."""
+    differentiated by autograd here, so this also checks the fused pass's closed form.
+    ``timings`` and ``seglen`` are the fused step's knobs, accepted and ignored here."""
     mse, grad = fit_step_reference(x, t, blocks, perms, out_features)
     if reg > 0:
         b = blocks.detach().clone().requires_grad_(True)
@@ -251,16 +254,24 @@ if _HAVE_NUMBA:
             ftz_exit(fp_mode)
 
 
-_WORKSPACE: dict[str, np.ndarray] = {}
+_WORKSPACE: dict[tuple, np.ndarray] = {}
+#: Shapes kept per scratch buffer (one per segment length a tuner tries).
+_WORKSPACE_SHAPES = 4
 
 
 def _workspace(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A scratch buffer kept between calls: a fit calls the step thousands of times with the
-    same shapes, and fresh multi-MB allocations would pay page faults on every step."""
-    buf = _WORKSPACE.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
+    same shapes, and fresh multi-MB allocations would pay page faults on every step. The last
+    :data:`_WORKSPACE_SHAPES` shapes of each buffer are kept, so that a :class:`SegmentTuner`
+    switching between segment lengths reuses its buffers."""
+    key = (name, shape, np.dtype(dtype).str)
+    buf = _WORKSPACE.pop(key, None)
+    if buf is None:
         buf = np.empty(shape, dtype=dtype)
-        _WORKSPACE[name] = buf
+        same_name = [k for k in _WORKSPACE if k[0] == name]
+        for k in same_name[: max(0, len(same_name) - _WORKSPACE_SHAPES + 1)]:  # least recently used first
+            del _WORKSPACE[k]
+    _WORKSPACE[key] = buf  # (re)inserted last: dicts keep insertion order
     return buf
 
 
@@ -308,16 +319,19 @@ def adam_step_numba(
     lr: float,
     reg: float,
     timings: dict[str, float] | None = None,
+    seglen: int | None = None,
 ) -> torch.Tensor:
     """One training step, fused: same signature and result as :func:`adam_step_reference`.
 
     The kernel computes the loss and the per-group block gradients; one more compiled pass sums
     the groups, adds the regulariser's gradient and applies Adam to ``blocks`` in place (no
     gradient tensor, no autograd, no optimizer object). ``timings`` (optional) receives the
-    seconds spent in ``kernel`` and ``optimiser``.
+    seconds spent in ``kernel`` and ``optimiser``; ``seglen`` the layers per checkpoint segment
+    (default :func:`cpu_apply.segment_length`; every value gives the same bytes, see
+    :class:`SegmentTuner`).
     """
     t0 = time.perf_counter()
-    sq, gacc = _run_kernel(x, t, blocks, perms, out_features)
+    sq, gacc = _run_kernel(x, t, blocks, perms, out_features, seglen)
     t1 = time.perf_counter()
     state.step += 1
     bn = blocks.detach().numpy()
@@ -339,6 +353,65 @@ def adam_step_numba(
         timings["kernel"] = t1 - t0
         timings["regulariser+optimiser"] = time.perf_counter() - t1
     return torch.tensor(sq / (out_features * x.shape[0]), dtype=blocks.dtype)
+
+
+def segment_candidates(depth: int, width: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The segment lengths worth timing for the fit step: only 1 when every layer's activations
+    fit in ``cpu_apply.SEGMENT_BYTES``; else 1 (keep them all, in L3), 2 (keep every other
+    layer's, recompute half a forward), 4 and :func:`cpu_apply.segment_length`'s (an L2-sized
+    segment, the most recomputation). Which is fastest depends on how contended the shared L3
+    is: on a 2-core Xeon, 2 was 10-25 % faster than 8 in a quiet-ish hour, 25 % slower under
+    heavy load (benchmarks/NOTES.md)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    default = segment_length(depth, width, itemsize, LANES)
+    if default == 1:
+        return (1,)
+    return tuple(sorted({1, 2, min(4, depth), default}))
+
+
+class SegmentTuner:
+    """Chooses the fit step's checkpoint segment length by timing the kernel while fitting.
+
+    Every segment length gives the same loss and gradient bit for bit (the recomputed
+    activations are the stored ones), so the choice changes speed only: a fit's bytes do not
+    depend on it. The tuner explores at the start and every ``period`` steps after (each
+    candidate ``trials`` times, round robin), then uses the candidate with the lowest median
+    kernel time until the next exploration; a host whose load changes during a long fit gets
+    a new choice. Call :meth:`next` for the segment length of a step, then :meth:`record` with
+    the kernel's seconds.
+    """
+
+    def __init__(self, candidates: tuple[int, ...], *, trials: int = 3, period: int = 500) -> None:
+        if not candidates:
+            raise ValueError("SegmentTuner needs at least one candidate")
+        self.candidates = tuple(candidates)
+        self.trials, self.period = int(trials), int(period)
+        self.choice = self.candidates[-1]
+        self.steps = 0
+        self._plan: list[int] = []
+        self._times: dict[int, list[float]] = {}
+        self._explore()
+
+    def _explore(self) -> None:
+        if len(self.candidates) > 1:
+            self._plan = [c for _ in range(self.trials) for c in self.candidates]
+            self._times = {c: [] for c in self.candidates}
+
+    def next(self) -> int:
+        """The segment length for the coming step."""
+        return self._plan[0] if self._plan else self.choice
+
+    def record(self, seglen: int, seconds: float) -> None:
+        """The kernel's time for a step run with ``seglen`` (from :meth:`next`)."""
+        self.steps += 1
+        if self._plan and seglen == self._plan[0]:
+            self._plan.pop(0)
+            self._times[seglen].append(seconds)
+            if not self._plan:
+                medians = {c: sorted(v)[len(v) // 2] for c, v in self._times.items()}
+                self.choice = min(self.candidates, key=lambda c: (medians[c], c))
+        elif not self._plan and self.steps % self.period == 0:
+            self._explore()
 
 
 def fit_step_numba(
