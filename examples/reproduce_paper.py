@@ -35,8 +35,10 @@ def parse_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def run(args: argparse.Namespace, log=print) -> list[dict]:
-    """Every fit of the sweep, as rows (experiment, k, depth, params, errors, seconds)."""
+def run(args: argparse.Namespace, log=print, on_row=None) -> list[dict]:
+    """Every fit of the sweep, as rows (experiment, k, depth, params, errors, seconds);
+    ``on_row(rows)`` is called after each fit (the CLI rewrites ``results.csv`` there, so a long
+    sweep that is stopped keeps the fits it finished)."""
     jobs: list[tuple[str, int]] = []
     for exp in args.experiments.split(","):
         if exp not in EXPERIMENTS:
@@ -76,11 +78,23 @@ def run(args: argparse.Namespace, log=print) -> list[dict]:
                 "seconds": round(time.perf_counter() - t0, 2),
             }
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             log(
                 f"{kind:8s} k={row['k']!s:1s} depth {depth:3d} ({m.params:>8,} params): error "
                 f"{m.relative_error:.4g}, SVD {m.svd_relative_error:.4g}  [{row['seconds']:.1f} s]"
             )
     return rows
+
+
+def write_csv(rows: list[dict], out: Path) -> None:
+    """``out/results.csv`` with every row so far (written to a temporary file, then renamed)."""
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out / "results.csv")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -156,11 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run(args, log=lambda s: print(s, file=sys.stderr, flush=True))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    rows = run(args, log=lambda s: print(s, file=sys.stderr, flush=True), on_row=lambda r: write_csv(r, out))
     table = markdown(rows)
     (out / "results.md").write_text(table)
     print(table)
