@@ -154,7 +154,8 @@ class ExactProbes:
 
 class RandomProbes:
     """Fresh probes each step, N(0, I) or drawn by ``draw(batch, generator)``; ``t`` is the
-    target's product (one GEMM for dense targets, a CSR product for sparse ones)."""
+    target's product (one GEMM for dense targets, a CSR product for sparse ones). N(0, I) probes
+    are drawn as ``(in_features, batch)`` and returned transposed (a view)."""
 
     def __init__(
         self,
@@ -174,7 +175,10 @@ class RandomProbes:
         if self.draw is not None:
             x = self.draw(self.batch, self.gen).to(device=self.device, dtype=self.dtype)
         else:
-            x = torch.randn(self.batch, self.tgt.in_features, generator=self.gen, device=self.device, dtype=self.dtype)
+            # drawn feature-major: the target's product then comes out feature-major too and the
+            # fused step reads both without a transposing copy (kernels/cpu.py, _layout)
+            xt = torch.randn(self.tgt.in_features, self.batch, generator=self.gen, device=self.device, dtype=self.dtype)
+            x = xt.t()
         t1 = time.perf_counter()
         t = self.tgt.matmat(x)
         self.timings = {"probes": t1 - t0, "target": time.perf_counter() - t1}

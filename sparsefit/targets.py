@@ -93,18 +93,18 @@ class DenseTarget(Target):
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
         a = self._a64.to(dtype)
+        # x @ Aᵀ is computed as (A @ xᵀ)ᵀ: for feature-major probes (xᵀ contiguous) the product
+        # comes out feature-major as well, which the fused fit step reads as it is
         if self.density <= SPARSE_DENSITY and device.type == "cpu":
-            self._dev = _to_csr(a)  # x @ Aᵀ computed as (A @ xᵀ)ᵀ
+            self._dev = _to_csr(a)
         else:
-            self._dev = a.t().contiguous().to(device)
+            self._dev = a.to(device)
 
     def matmat(self, x: torch.Tensor) -> torch.Tensor:
         if self._dev is None or self._dev.dtype != x.dtype or self._dev.device != x.device:
             self.prepare(x.device, x.dtype)
         assert self._dev is not None
-        if self._dev.layout == torch.sparse_csr:
-            return (self._dev @ x.t()).t()
-        return x @ self._dev
+        return (self._dev @ x.t()).t()
 
     def dense(self, max_elements: int) -> torch.Tensor | None:
         return self._a64 if self._a64.numel() <= max_elements else None
