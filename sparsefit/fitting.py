@@ -474,7 +474,8 @@ def fit(
         op = init.to(device=device, dtype=dtype)
         start_blocks = op.blocks.detach().clone()
     else:
-        op = GTilde(k, m, stages[0][1], width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
+        sampler = config.resolved_sampler(width, depth)
+        op = GTilde(k, m, stages[0][1], width, seed=config.seed, sampler=sampler, dtype=dtype, device=device)
     source = make_probe_source(tgt, config, op, probes)
     step = make_step(op, config, m)
     phases = config.phase_steps()
