@@ -104,8 +104,8 @@ def fit_auto(
     to reach, in (0, 1). max_params: largest parameter count allowed (at least one layer,
     ``2·width``). At least one of the two is needed. min_depth: first depth tried (default
     ``ceil(log2 width)``). refine: bisection fits after the ladder brackets the target.
-    warm_start: start deeper trials from the best shallower fit with uniform permutations, when
-    the trial's permutations are uniform too (others, closed-form inits and ``grow`` fits start fresh). callbacks: passed to every trial's fit;
+    warm_start: start deeper trials from the best shallower fit (uniform permutations only;
+    other samplers, closed-form inits and ``grow`` fits start fresh). callbacks: passed to every trial's fit;
     an ``on_trial(Trial)`` method, if present, is called after each trial.
 
     Returns an :class:`AutoFitResult`. A target that no allowed depth reaches is not an error:
@@ -141,15 +141,15 @@ def fit_auto(
     d_min = min(d_max, min_depth if min_depth is not None else levels)
     if d_min < 1:
         raise SparsefitError(f"min_depth must be at least 1, got {min_depth}")
-    warm = warm_start and config.init == "random" and not config.grow
+    warm = warm_start and config.sampler == "uniform" and config.init == "random" and not config.grow
 
     fits: dict[int, FitResult] = {}
     search: list[Trial] = []
 
     def run(depth: int) -> Trial:
         start = None
-        if warm and config.resolved_sampler(width, depth) == "uniform":
-            shallower = [d for d in fits if d < depth and fits[d].operator.sampler == "uniform"]
+        if warm:
+            shallower = [d for d in fits if d < depth]
             if shallower:
                 base = min(shallower, key=lambda d: (fits[d].metrics.relative_error, -d))
                 start = extend_operator(fits[base].operator, depth, seed=config.seed + depth)

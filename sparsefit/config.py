@@ -176,11 +176,6 @@ INITS = ("random", "butterfly")
 #: probes are given, else probes.
 LOSSES = ("auto", "probes", "exact")
 
-#: ``sampler="auto"``: butterfly permutations up to this many times ``log2 width`` layers, uniform
-#: ones beyond. At full size (width 2048) butterfly won every class at depth 24 (2.2·log2) and
-#: uniform won sparse and band at depth 40 (3.6·log2); docs/quality.md §8.
-AUTO_BUTTERFLY_LEVELS = 3.0
-
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 
@@ -278,10 +273,8 @@ class FitConfig(VersionedConfig):
                 raise SparsefitError("schedule phase fractions must sum to 1")
         from .permutations import SAMPLERS
 
-        if self.sampler not in SAMPLERS and self.sampler != "auto":
-            raise SparsefitError(
-                f"unknown permutation sampler {self.sampler!r}; choose one of: auto, {', '.join(SAMPLERS)}"
-            )
+        if self.sampler not in SAMPLERS:
+            raise SparsefitError(f"unknown permutation sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
 
     def resolve_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
         """``(width, depth)`` for a target of this shape: the one place the defaults are applied
@@ -296,13 +289,6 @@ class FitConfig(VersionedConfig):
         if self.loss != "auto":
             return self.loss
         return "exact" if in_features <= self.batch and not custom_probes else "probes"
-
-    def resolved_sampler(self, width: int, depth: int) -> str:
-        """The permutation sampler for an operator of this width and depth: ``sampler`` itself,
-        or for ``auto`` butterfly up to :data:`AUTO_BUTTERFLY_LEVELS`·log2(width) layers, else uniform."""
-        if self.sampler != "auto":
-            return self.sampler
-        return "butterfly" if depth <= AUTO_BUTTERFLY_LEVELS * math.log2(width) else "uniform"
 
     def resolved_phases(self) -> tuple[Phase, ...]:
         return self.phases if self.phases is not None else SCHEDULES[self.schedule](self.lr)

@@ -474,8 +474,7 @@ def fit(
         op = init.to(device=device, dtype=dtype)
         start_blocks = op.blocks.detach().clone()
     else:
-        sampler = config.resolved_sampler(width, depth)
-        op = GTilde(k, m, stages[0][1], width, seed=config.seed, sampler=sampler, dtype=dtype, device=device)
+        op = GTilde(k, m, stages[0][1], width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
     source = make_probe_source(tgt, config, op, probes)
     step = make_step(op, config, m)
     phases = config.phase_steps()

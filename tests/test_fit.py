@@ -192,23 +192,6 @@ def test_width_and_depth_resolved_in_one_place():
     assert (r.metrics.width, r.metrics.depth) == FitConfig().resolve_shape(6, 5)
 
 
-def test_sampler_auto_is_butterfly_up_to_three_levels():
-    from sparsefit.config import AUTO_BUTTERFLY_LEVELS
-
-    cfg = FitConfig(sampler="auto")
-    assert AUTO_BUTTERFLY_LEVELS == 3.0
-    assert cfg.resolved_sampler(2048, 24) == "butterfly" and cfg.resolved_sampler(2048, 33) == "butterfly"
-    assert cfg.resolved_sampler(2048, 34) == "uniform" and cfg.resolved_sampler(2048, 40) == "uniform"
-    assert cfg.resolved_sampler(12, 10) == "butterfly" and cfg.resolved_sampler(12, 11) == "uniform"
-    assert FitConfig(sampler="uniform").resolved_sampler(2048, 8) == "uniform"
-    with pytest.raises(SparsefitError, match="auto, uniform"):
-        FitConfig(sampler="shuffle")
-    a = sparsefit.synth("band", size=6, k=2, seed=0)
-    shallow = fit(a, FitConfig(sampler="auto", depth=6, width=12, steps=5, batch=4))
-    deep = fit(a, FitConfig(sampler="auto", depth=20, width=12, steps=5, batch=4))
-    assert shallow.operator.sampler == "butterfly" and deep.operator.sampler == "uniform"
-
-
 def test_loss_auto_is_exact_when_no_more_columns_than_batch():
     cfg = FitConfig(loss="auto", batch=64)
     assert cfg.resolved_loss(64) == "exact" and cfg.resolved_loss(65) == "probes"

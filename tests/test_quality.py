@@ -104,19 +104,6 @@ def test_warm_start_never_worse_than_its_start():
     assert auto.search[1].warm_start and errs[1] <= errs[0] + 1e-9
 
 
-def test_warm_starts_only_between_uniform_trials_with_sampler_auto():
-    # width 16: auto gives butterfly permutations up to depth 12, uniform ones beyond; a uniform
-    # trial never starts from a butterfly operator
-    a = sparsefit.synth("band", size=8, k=2, seed=0)
-    auto = fit_auto(a, FAST.replace(steps=40, sampler="auto"), max_params=2 * 16 * 24, min_depth=4)
-    by_depth = {t.depth: t for t in auto.search}
-    assert min(by_depth) <= 12 < max(by_depth)
-    for d, t in by_depth.items():
-        shallower_uniform = [e for e in by_depth if 12 < e < d]
-        assert t.warm_start == (d > 12 and bool(shallower_uniform))
-    assert any(t.warm_start for t in auto.search)
-
-
 @pytest.mark.parametrize(
     "kw,msg",
     [

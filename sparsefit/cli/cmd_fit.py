@@ -121,9 +121,8 @@ def fit_command(
         typer.Option(
             "--permutations",
             "--sampler",
-            help="Permutation sampler: uniform (random, the note's), butterfly (perfect shuffles; exact "
-            "Walsh–Hadamard/butterfly products at width 2^L, depth L) or auto (butterfly up to "
-            "3·log2(width) layers, uniform beyond).",
+            help="Permutation sampler: uniform (random, the note's) or butterfly (perfect shuffles; exact "
+            "Walsh–Hadamard/butterfly products at width 2^L, depth L).",
         ),
     ] = _DEFAULTS.sampler,
     init: Annotated[
