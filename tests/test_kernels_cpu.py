@@ -90,51 +90,6 @@ def test_checkpoint_segments_give_the_same_bytes(dtype):
         assert rel_err(grad, grad_ref) < 1e-12
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(
-    "k,m,n,depth,batch,probes",
-    [
-        (30, 17, 66, 7, 30, "identity"),  # the exact loss's probes: live rows grow layer by layer
-        (50, 50, 100, 9, 50, "identity"),
-        (40, 33, 512, 3, 40, "identity"),  # never fully live: dead output rows reach the loss
-        (5, 7, 14, 2, 17, "padded"),  # random probes, zero padding rows dead in layer 0
-        (30, 17, 66, 5, 37, "zero-columns"),  # probes with whole zero columns
-    ],
-)
-def test_live_rows_give_the_same_bytes_as_dense_layers(k, m, n, depth, batch, probes, dtype):
-    x, t, blocks, perms = _problem(k, m, n, depth, batch, dtype)
-    if probes == "identity":
-        x = torch.eye(k, dtype=dtype) * k**0.5
-    elif probes == "zero-columns":
-        x[:, ::3] = 0
-    for seglen in (1, 2, 3):
-        sq, gacc = cpu._run_kernel(x, t, blocks, perms, m, seglen=seglen)
-        sq_d, gacc_d = cpu._run_kernel(x, t, blocks, perms, m, seglen=seglen, track_live=False)
-        gacc = gacc.copy()
-        assert sq == sq_d and (gacc == gacc_d).all()
-    if dtype == torch.float64:
-        mse_ref, grad_ref = fit_step_reference(x, t, blocks, perms, m)
-        assert abs(sq / (m * x.shape[0]) - float(mse_ref)) <= 1e-12 * float(mse_ref)
-        assert rel_err(torch.from_numpy(gacc.sum(0)), grad_ref) < 1e-12
-
-
-def test_live_rows_count_the_rows_that_can_be_nonzero():
-    import numpy as np
-
-    from sparsefit.kernels.cpu_apply import live_rows
-
-    perms = sample_permutations(6, 16, torch.Generator().manual_seed(0)).numpy()
-    live = np.zeros((7, 16), np.uint8)
-    live[0, 3] = 1
-    jd = live_rows(live, perms, 1)
-    for j in range(jd):  # a row is live iff its pair had a live input row
-        for b in range(8):
-            on = live[j, perms[j, 2 * b]] | live[j, perms[j, 2 * b + 1]]
-            assert live[j + 1, 2 * b] == live[j + 1, 2 * b + 1] == on
-    assert jd == 6 or live[jd].all() and not live[jd - 1].all()
-    assert live_rows(np.ones((7, 16), np.uint8), perms, 16) == 0
-
-
 def test_segment_length_keeps_the_working_set_in_cache():
     from sparsefit.kernels import cpu_apply
 

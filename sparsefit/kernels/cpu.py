@@ -55,10 +55,8 @@ try:  # numba is a declared dependency, but the torch path must keep working wit
         _forward_segments,
         _grad_layer_blocks,
         _grad_layer_both,
-        _grad_layer_live,
         _refill_segment,
         _segment_input,
-        live_rows,
         segment_length,
     )
     from .fpenv import ftz_enter, ftz_exit
@@ -144,7 +142,7 @@ if _HAVE_NUMBA:
 
     @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _fit_step_kernel(
-        x, t, blocks, perms, m, lanes, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm, live, zrow, track
+        x, t, blocks, perms, m, lanes, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm
     ):  # pragma: no cover
         # ``lanes`` is a runtime argument on purpose: with a compile-time trip count LLVM fully
         # unrolls the lane loops and then fails to vectorise them (may-alias row views); with a
@@ -192,33 +190,16 @@ if _HAVE_NUMBA:
                         xr = x[b0 + lane]
                         for i in range(k):
                             a0[i, lane] = xr[i]
-                # which input rows are nonzero, and from there which rows of each layer can be
-                # (cpu_apply.live_rows): layers below jd skip the pairs that are still zero
-                lv = live[tid]
-                jd = 0
-                if track:
-                    l0 = lv[0]
-                    l0[:] = 0
-                    k_live = 0
-                    for i in range(k):
-                        ar = a0[i]
-                        for lane in range(nl):
-                            if ar[lane] != zero:
-                                l0[i] = 1
-                                k_live += 1
-                                break
-                    jd = live_rows(lv, perms, k_live)
                 # forward, keeping the segments' inputs and the output (cp[nseg])
-                _forward_segments(c, sb, seglen, nseg, blocks, perms, lanes, lv, jd, zrow)
+                _forward_segments(c, sb, seglen, nseg, blocks, perms, lanes)
                 # loss and its gradient at the output (rows >= m are sliced off: gradient 0)
                 out = c[nseg]
                 g0 = gb[0]
                 g0[:, :] = zero
-                last = lv[depth]  # read only when jd == depth: dead output rows are stale, i.e. zero
                 if t_fm:
                     for i in range(m):
                         tr = t[i]
-                        orow = out[i] if jd < depth or last[i] else zrow
+                        orow = out[i]
                         grow = g0[i]
                         for lane in range(nl):
                             d = orow[lane] - tr[b0 + lane]
@@ -228,22 +209,17 @@ if _HAVE_NUMBA:
                     for lane in range(nl):
                         tr = t[b0 + lane]
                         for i in range(m):
-                            d = (out[i, lane] if jd < depth or last[i] else zero) - tr[i]
+                            d = out[i, lane] - tr[i]
                             se += d * d
                             g0[i, lane] = scale * d
                 # backward, segment by segment: gb[cur] holds dL/d(output of layer j)
                 cur = 0
                 for s in range(nseg - 1, -1, -1):
                     j0 = s * seglen
-                    _refill_segment(c, sb, s, seglen, blocks, perms, lanes, lv, jd, zrow)
+                    _refill_segment(c, sb, s, seglen, blocks, perms, lanes)
                     for j in range(min(depth, j0 + seglen) - 1, j0 - 1, -1):
                         src = _segment_input(c, sb, s, seglen, j)
-                        if j < jd:  # dead pairs skipped; layer 0's input gradient not needed
-                            gi, go = gb[1 - cur], gb[cur]
-                            _grad_layer_live(
-                                src, go, gi, perms[j], blocks[j], acc[j], lanes, j > 0, lv[j], lv[j + 1], zrow
-                            )
-                        elif j > 0:
+                        if j > 0:
                             _grad_layer_both(src, gb[cur], gb[1 - cur], perms[j], blocks[j], acc[j], lanes)
                         else:  # the input's gradient is not needed
                             _grad_layer_blocks(src, gb[cur], perms[j], acc[j], lanes)
@@ -334,12 +310,10 @@ def _layout(a: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
     return a.to(dtype).contiguous().numpy(), False
 
 
-def _run_kernel(x, t, blocks, perms, out_features, seglen=None, track_live=True):
+def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
     """Runs the fused kernel; returns (sum of squared errors, per-group gradient accumulators).
     ``seglen``: layers per checkpoint segment (default ``cpu_apply.segment_length``); any value gives
-    the same bytes (the recomputed activations are the stored ones, bit for bit). ``track_live``:
-    skip the pairs that are still zero in the first layers (``cpu_apply.live_rows``); off, every
-    layer runs dense — the same bytes, slower for sparse probes (kept for the tests)."""
+    the same bytes (the recomputed activations are the stored ones, bit for bit)."""
     if not _HAVE_NUMBA:  # pragma: no cover
         raise RuntimeError("numba is not installed")
     if x.device.type != "cpu" or blocks.device.type != "cpu":
@@ -365,27 +339,7 @@ def _run_kernel(x, t, blocks, perms, out_features, seglen=None, track_live=True)
     gbuf = _workspace("gbuf", (threads, 2, n, LANES), npdt)
     gacc = _workspace("gacc", (groups, depth, h, 2, 2), np.float64)
     sq = np.zeros(groups, dtype=np.float64)
-    live = _workspace("live", (threads, depth + 1, n), np.uint8)
-    zrow = np.zeros(LANES, dtype=npdt)
-    _fit_step_kernel(
-        xn,
-        tn,
-        bn,
-        pn,
-        int(out_features),
-        LANES,
-        seglen,
-        cp,
-        seg,
-        gbuf,
-        gacc,
-        sq,
-        x_fm,
-        t_fm,
-        live,
-        zrow,
-        bool(track_live),
-    )
+    _fit_step_kernel(xn, tn, bn, pn, int(out_features), LANES, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm)
     return float(sq.sum()), gacc
 
 

@@ -138,75 +138,23 @@ def _load_chunk(x, b0, nl, lanes, a):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", **_JIT)
-def _pair_forward(s0, s1, d0, d1, w, b, lanes):  # pragma: no cover - compiled
-    """One 2×2 block on lane rows: ``(d0, d1) = B_b (s0, s1)``."""
-    w00 = w[b, 0, 0]
-    w01 = w[b, 0, 1]
-    w10 = w[b, 1, 0]
-    w11 = w[b, 1, 1]
-    for lane in range(lanes):
-        u0 = s0[lane]
-        u1 = s1[lane]
-        d0[lane] = w00 * u0 + w01 * u1
-        d1[lane] = w10 * u0 + w11 * u1
-
-
-@numba.njit(inline="always", **_JIT)
 def _layer_lanes(src, dst, p, w, lanes):  # pragma: no cover - compiled
     """``dst = B_j (P_j src)`` on feature-major chunks ``(n, lanes)``."""
     h = p.shape[0] // 2
     for b in range(h):
-        _pair_forward(src[p[2 * b]], src[p[2 * b + 1]], dst[2 * b], dst[2 * b + 1], w, b, lanes)
-
-
-@numba.njit(inline="always", **_JIT)
-def _layer_lanes_live(src, dst, p, w, lanes, live_in, live_out, zrow):  # pragma: no cover - compiled
-    """:func:`_layer_lanes` on a chunk whose rows outside ``live_in`` are zero but not stored
-    (stale): those are read as ``zrow``, and pairs with no live input row (``live_out[2b] == 0``)
-    are skipped, their output rows left stale. The pairs that run use the same per-pair code as
-    the dense loop, so their outputs are the same bits."""
-    h = p.shape[0] // 2
-    for b in range(h):
-        if live_out[2 * b]:
-            i0 = p[2 * b]
-            i1 = p[2 * b + 1]
-            s0 = src[i0] if live_in[i0] else zrow
-            s1 = src[i1] if live_in[i1] else zrow
-            _pair_forward(s0, s1, dst[2 * b], dst[2 * b + 1], w, b, lanes)
-
-
-@numba.njit(inline="always", **_JIT)
-def _layer(src, dst, perms, blocks, j, lanes, live, jd, zrow):  # pragma: no cover - compiled
-    """Layer ``j``: the live-row variant below layer ``jd`` (see :func:`live_rows`), else dense."""
-    if j < jd:
-        _layer_lanes_live(src, dst, perms[j], blocks[j], lanes, live[j], live[j + 1], zrow)
-    else:
-        _layer_lanes(src, dst, perms[j], blocks[j], lanes)
-
-
-@numba.njit(inline="always", **_JIT)
-def live_rows(live, perms, k_live):  # pragma: no cover - compiled
-    """Which rows of each layer's input can be nonzero, for a chunk whose input rows are nonzero
-    only where ``live[0]`` says (set by the caller; ``k_live`` of them): ``live[j + 1][2b] =
-    live[j + 1][2b + 1] = live[j][p_j[2b]] | live[j][p_j[2b + 1]]``. Returns ``jd``, the first layer
-    whose input rows are all live (``depth`` if none): layers below it can skip dead pairs. A chunk
-    of the exact loss's identity probes starts with 32 live rows of 2048, all live after ~8 layers."""
-    depth, n = perms.shape
-    h = n // 2
-    count = k_live
-    for j in range(depth):
-        if count == n:
-            return j
-        prev = live[j]
-        nxt = live[j + 1]
-        p = perms[j]
-        count = 0
-        for b in range(h):
-            on = prev[p[2 * b]] | prev[p[2 * b + 1]]
-            nxt[2 * b] = on
-            nxt[2 * b + 1] = on
-            count += 2 * on
-    return depth
+        s0 = src[p[2 * b]]
+        s1 = src[p[2 * b + 1]]
+        d0 = dst[2 * b]
+        d1 = dst[2 * b + 1]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            d0[lane] = w00 * u0 + w01 * u1
+            d1[lane] = w10 * u0 + w11 * u1
 
 
 @numba.njit(inline="always", **_JIT)
@@ -245,94 +193,72 @@ def _fwd_chunks_parallel(x, blocks, perms, y, lanes, work):  # pragma: no cover 
 
 
 @numba.njit(inline="always", **_JIT)
-def _pair_grad_both(s0, s1, e0r, e1r, d0, d1, w, b, acc, lanes):  # pragma: no cover - compiled
-    """One block of the reverse pass: ``(d0, d1) = B_bᵀ (e0, e1)`` and ``acc[b] += Σ_lanes
-    (e0, e1) ⊗ (s0, s1)``, in one sweep over lanes."""
-    zero = s0.dtype.type(0)
-    w00 = w[b, 0, 0]
-    w01 = w[b, 0, 1]
-    w10 = w[b, 1, 0]
-    w11 = w[b, 1, 1]
-    s00 = zero
-    s01 = zero
-    s10 = zero
-    s11 = zero
-    for lane in range(lanes):
-        u0 = s0[lane]
-        u1 = s1[lane]
-        e0 = e0r[lane]
-        e1 = e1r[lane]
-        s00 += e0 * u0
-        s01 += e0 * u1
-        s10 += e1 * u0
-        s11 += e1 * u1
-        d0[lane] = w00 * e0 + w10 * e1
-        d1[lane] = w01 * e0 + w11 * e1
-    acc[b, 0, 0] += s00
-    acc[b, 0, 1] += s01
-    acc[b, 1, 0] += s10
-    acc[b, 1, 1] += s11
-
-
-@numba.njit(inline="always", **_JIT)
-def _pair_grad_blocks(s0, s1, e0r, e1r, b, acc, lanes):  # pragma: no cover - compiled
-    """The block-gradient half of :func:`_pair_grad_both`."""
-    zero = s0.dtype.type(0)
-    s00 = zero
-    s01 = zero
-    s10 = zero
-    s11 = zero
-    for lane in range(lanes):
-        u0 = s0[lane]
-        u1 = s1[lane]
-        e0 = e0r[lane]
-        e1 = e1r[lane]
-        s00 += e0 * u0
-        s01 += e0 * u1
-        s10 += e1 * u0
-        s11 += e1 * u1
-    acc[b, 0, 0] += s00
-    acc[b, 0, 1] += s01
-    acc[b, 1, 0] += s10
-    acc[b, 1, 1] += s11
-
-
-@numba.njit(inline="always", **_JIT)
 def _grad_layer_both(src, gout, gin, p, w, acc, lanes):  # pragma: no cover - compiled
     """One layer of the reverse pass: ``gin = P_jᵀ B_jᵀ gout`` (scattered through the
     permutation) and ``acc[b] += Σ_lanes gout_pair ⊗ (P_j src)_pair``, in one sweep over lanes."""
     h = p.shape[0] // 2
+    zero = src.dtype.type(0)
     for b in range(h):
         i0 = p[2 * b]
         i1 = p[2 * b + 1]
-        _pair_grad_both(src[i0], src[i1], gout[2 * b], gout[2 * b + 1], gin[i0], gin[i1], w, b, acc, lanes)
+        s0 = src[i0]
+        s1 = src[i1]
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        d0 = gin[i0]
+        d1 = gin[i1]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        s00 = zero
+        s01 = zero
+        s10 = zero
+        s11 = zero
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            s00 += e0 * u0
+            s01 += e0 * u1
+            s10 += e1 * u0
+            s11 += e1 * u1
+            d0[lane] = w00 * e0 + w10 * e1
+            d1[lane] = w01 * e0 + w11 * e1
+        acc[b, 0, 0] += s00
+        acc[b, 0, 1] += s01
+        acc[b, 1, 0] += s10
+        acc[b, 1, 1] += s11
 
 
 @numba.njit(inline="always", **_JIT)
 def _grad_layer_blocks(src, gout, p, acc, lanes):  # pragma: no cover - compiled
     """The block-gradient half of :func:`_grad_layer_both`."""
     h = p.shape[0] // 2
+    zero = src.dtype.type(0)
     for b in range(h):
-        _pair_grad_blocks(src[p[2 * b]], src[p[2 * b + 1]], gout[2 * b], gout[2 * b + 1], b, acc, lanes)
-
-
-@numba.njit(inline="always", **_JIT)
-def _grad_layer_live(src, gout, gin, p, w, acc, lanes, need_in, live_in, live_out, zrow):  # pragma: no cover
-    """:func:`_grad_layer_both` (``need_in``) or :func:`_grad_layer_blocks` below the first dense
-    layer (see :func:`_layer_lanes_live`): dead input rows read as ``zrow``, dead pairs skipped —
-    their block gradient is exactly zero, and their input gradient feeds only dead pairs of the
-    layers before. The pairs that run give the same bits as in the dense loops."""
-    h = p.shape[0] // 2
-    for b in range(h):
-        if live_out[2 * b]:
-            i0 = p[2 * b]
-            i1 = p[2 * b + 1]
-            s0 = src[i0] if live_in[i0] else zrow
-            s1 = src[i1] if live_in[i1] else zrow
-            if need_in:
-                _pair_grad_both(s0, s1, gout[2 * b], gout[2 * b + 1], gin[i0], gin[i1], w, b, acc, lanes)
-            else:
-                _pair_grad_blocks(s0, s1, gout[2 * b], gout[2 * b + 1], b, acc, lanes)
+        s0 = src[p[2 * b]]
+        s1 = src[p[2 * b + 1]]
+        e0r = gout[2 * b]
+        e1r = gout[2 * b + 1]
+        s00 = zero
+        s01 = zero
+        s10 = zero
+        s11 = zero
+        for lane in range(lanes):
+            u0 = s0[lane]
+            u1 = s1[lane]
+            e0 = e0r[lane]
+            e1 = e1r[lane]
+            s00 += e0 * u0
+            s01 += e0 * u1
+            s10 += e1 * u0
+            s11 += e1 * u1
+        acc[b, 0, 0] += s00
+        acc[b, 0, 1] += s01
+        acc[b, 1, 0] += s10
+        acc[b, 1, 1] += s11
 
 
 @numba.njit(inline="always", **_JIT)
@@ -356,10 +282,9 @@ def _grad_layer_input(gout, gin, p, w, lanes):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", **_JIT)
-def _forward_segments(c, sb, seglen, nrun, blocks, perms, lanes, live, jd, zrow):  # pragma: no cover - compiled
+def _forward_segments(c, sb, seglen, nrun, blocks, perms, lanes):  # pragma: no cover - compiled
     """The first ``nrun`` checkpoint segments of a chunk's forward: segment ``s`` reads its
-    input ``c[s]`` and writes its output to ``c[s + 1]``; inner layers ping-pong in ``sb[0:2]``.
-    Layers below ``jd`` skip dead rows (:func:`live_rows`; ``jd = 0``: every layer dense)."""
+    input ``c[s]`` and writes its output to ``c[s + 1]``; inner layers ping-pong in ``sb[0:2]``."""
     depth = perms.shape[0]
     for s in range(nrun):
         j0 = s * seglen
@@ -367,18 +292,18 @@ def _forward_segments(c, sb, seglen, nrun, blocks, perms, lanes, live, jd, zrow)
         for j in range(j0, j1):
             src = c[s] if j == j0 else sb[(j - j0 - 1) % 2]
             dst = c[s + 1] if j == j1 - 1 else sb[(j - j0) % 2]
-            _layer(src, dst, perms, blocks, j, lanes, live, jd, zrow)
+            _layer_lanes(src, dst, perms[j], blocks[j], lanes)
 
 
 @numba.njit(inline="always", **_JIT)
-def _refill_segment(c, sb, s, seglen, blocks, perms, lanes, live, jd, zrow):  # pragma: no cover - compiled
+def _refill_segment(c, sb, s, seglen, blocks, perms, lanes):  # pragma: no cover - compiled
     """Recompute segment ``s``'s inner layer inputs from its checkpoint: the input of layer
     ``j0 + i`` goes to ``sb[i - 1]`` (layer ``j0``'s input is ``c[s]``, see :func:`_segment_input`)."""
     depth = perms.shape[0]
     j0 = s * seglen
     j1 = min(depth, j0 + seglen)
     for j in range(j0, j1 - 1):
-        _layer(_segment_input(c, sb, s, seglen, j), sb[j - j0], perms, blocks, j, lanes, live, jd, zrow)
+        _layer_lanes(_segment_input(c, sb, s, seglen, j), sb[j - j0], perms[j], blocks[j], lanes)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -401,7 +326,6 @@ def _bwd_group(
     depth = perms.shape[0]
     nseg = (depth + seglen - 1) // seglen
     nchunks = (batch + lanes - 1) // lanes
-    no_live = np.zeros((1, 1), np.uint8)  # every layer dense (jd = 0): no live-row tracking here
     if need_blocks:
         acc[:] = 0.0
     c0 = (nchunks * g) // groups
@@ -411,13 +335,13 @@ def _bwd_group(
         nl = min(lanes, batch - b0)
         if need_blocks:  # the block gradient needs every layer's input; the output is not needed
             _load_chunk(x, b0, nl, lanes, c[0])
-            _forward_segments(c, sb, seglen, nseg - 1, blocks, perms, lanes, no_live, 0, c[0, 0])
+            _forward_segments(c, sb, seglen, nseg - 1, blocks, perms, lanes)
         _load_chunk(gy, b0, nl, lanes, gb[0])
         cur = 0
         for s in range(nseg - 1, -1, -1):
             j0 = s * seglen
             if need_blocks:
-                _refill_segment(c, sb, s, seglen, blocks, perms, lanes, no_live, 0, c[0, 0])
+                _refill_segment(c, sb, s, seglen, blocks, perms, lanes)
             for j in range(min(depth, j0 + seglen) - 1, j0 - 1, -1):
                 gout = gb[cur]
                 gin = gb[1 - cur]
