@@ -17,6 +17,11 @@ segment lengths, their steps interleaved in one process (every length gives the 
 
     python benchmarks/bench_cpu_step.py --split sparse3 --depth 40 --batch 1024 --loss exact --seglen auto,2,8
 
+``--baseline DIR`` runs another checkout's fit step (``git worktree add DIR COMMIT``) interleaved with
+this one's, in the same process on the same target, for a before/after on a noisy host:
+
+    python benchmarks/bench_cpu_step.py --split sparse3 --depth 40 --batch 1024 --baseline ../base
+
 ``--subnormal F`` sets a fraction ``F`` of the block entries to 1e-40 (subnormal in float32), as
 happens near the end of a fit; the numba kernels flush such values to zero
 (``sparsefit/kernels/fpenv.py``), so their time should not move, while the torch paths slow down.
@@ -56,34 +61,64 @@ def time_it(fn, args, repeats, inputs):
     return statistics.median(ts), min(ts)
 
 
+def load_baseline(checkout: str):
+    """The ``sparsefit`` package of another checkout (e.g. ``git worktree add ../base COMMIT``),
+    imported as ``sparsefit_baseline`` beside the current one, so that both run in one process on
+    the same inputs and share the host's load step by step. Copied to a folder under the temporary
+    directory first (its numba cache then stays out of the checkout)."""
+    import hashlib
+    import importlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    src = Path(checkout).resolve() / "sparsefit"
+    if not (src / "__init__.py").is_file():
+        raise SystemExit(f"--baseline: {checkout} has no sparsefit package")
+    # one folder per checkout, so that its numba cache (__pycache__) survives between runs
+    tag = hashlib.sha256(str(src).encode()).hexdigest()[:12]
+    root = Path(tempfile.gettempdir()) / f"sparsefit_baseline_{tag}"
+    shutil.copytree(src, root / "sparsefit_baseline", ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("sparsefit_baseline")
+    finally:
+        sys.path.remove(str(root))
+
+
 def split_step(a, dt) -> list[dict]:
     """Time each part of a fit step (median / min over ``a.repeats`` steps), in fit()'s order; one
-    row set per ``--seglen`` setting, the settings' steps interleaved so that they share the
-    host's load."""
+    row set per ``--seglen`` setting (and per package with ``--baseline``), the settings' steps
+    interleaved so that they share the host's load."""
+    import importlib
     import math
 
     import sparsefit
-    from sparsefit.fitting import make_probe_source, make_step
-    from sparsefit.kernels import cpu as cpu_kernel
-    from sparsefit.operator import GTilde
-    from sparsefit.targets import as_target
 
+    packages = [("", sparsefit)]
+    if a.baseline:
+        packages = [("baseline ", load_baseline(a.baseline)), ("current ", sparsefit)]
     kinds = {"perm": ("perm", 1), "sparse3": ("sparse", 3), "band3": ("band", 3), "lowrank3": ("lowrank", 3)}
     kind, kk = kinds[a.split]
     size = a.width // 2
-    tgt = as_target(sparsefit.synth(kind, size=size, k=kk, seed=0))
-    config = sparsefit.FitConfig(depth=a.depth, batch=a.batch, loss=a.loss, dtype=a.dtype, backend=a.backend)
-    settings = a.seglen.split(",")
+    matrix = sparsefit.synth(kind, size=size, k=kk, seed=0)
     runs = []
-    for setting in settings:
-        op = GTilde(size, size, a.depth, a.width, seed=0, dtype=dt)
-        step = make_step(op, config, tgt.shape[0])
-        if setting != "auto":
-            if not hasattr(step, "tuner"):
-                raise SystemExit("--seglen N needs the cpu backend")
-            step.tuner = cpu_kernel.SegmentTuner((int(setting),))
-        runs.append((setting, make_probe_source(tgt, config, op, None), step, {}, []))
-    phase = config.phase_steps()[0][1]
+    for label, pkg in packages:
+        fitting = importlib.import_module(pkg.__name__ + ".fitting")
+        cpu_kernel = importlib.import_module(pkg.__name__ + ".kernels.cpu")
+        tgt = importlib.import_module(pkg.__name__ + ".targets").as_target(matrix)
+        gtilde = importlib.import_module(pkg.__name__ + ".operator").GTilde
+        config = pkg.FitConfig(depth=a.depth, batch=a.batch, loss=a.loss, dtype=a.dtype, backend=a.backend)
+        for setting in a.seglen.split(","):
+            op = gtilde(size, size, a.depth, a.width, seed=0, dtype=dt)
+            step = fitting.make_step(op, config, tgt.shape[0])
+            if setting != "auto":
+                if not hasattr(step, "tuner"):
+                    raise SystemExit("--seglen N needs the cpu backend (and a checkout with the tuner)")
+                step.tuner = cpu_kernel.SegmentTuner((int(setting),))
+            probes = fitting.make_probe_source(tgt, config, op, None)
+            runs.append((label + f"seglen {setting}", probes, step, {}, []))
+    phase = sparsefit.FitConfig(batch=a.batch).phase_steps()[0][1]
     for i in range(a.repeats + 1):
         for _, probes, step, parts, cpu in runs:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -98,7 +133,7 @@ def split_step(a, dt) -> list[dict]:
     rows = []
     for setting, _, step, parts, cpu in runs:
         assert math.isfinite(float(step.last_mse))
-        tag = f"seglen {setting}" + (f" (chose {step.tuner.choice})" if hasattr(step, "tuner") else "")
+        tag = setting + (f" (chose {step.tuner.choice})" if hasattr(step, "tuner") else "")
         rows += [
             dict(setting=tag, part=name, median_ms=statistics.median(v) * 1e3, min_ms=min(v) * 1e3)
             for name, v in parts.items()
@@ -133,6 +168,12 @@ def main(argv=None):
         "--seglen",
         default="auto",
         help="with --split: comma list of checkpoint segment lengths to compare, 'auto' = the fit's tuner",
+    )
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="with --split: another checkout's folder (git worktree add DIR COMMIT); its fit step runs "
+        "interleaved with this one's in the same process",
     )
     a = ap.parse_args(argv)
     if not 0 <= a.subnormal <= 1:
