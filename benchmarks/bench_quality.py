@@ -27,7 +27,9 @@ from sparsefit.permutations import SAMPLERS
 TARGETS = {"perm": ("perm", 1), "sparse3": ("sparse", 3), "band3": ("band", 3), "lowrank3": ("lowrank", 3)}
 
 
-def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule: str, loss: str, seed: int) -> dict:
+def run_one(
+    name: str, size: int, depth: int, args: argparse.Namespace, schedule: str, loss: str, seed: int, lr: float = 1e-2
+) -> dict:
     kind, k = TARGETS[name]
     a = sparsefit.synth(kind, size=size, k=k, seed=seed)
     config = sparsefit.FitConfig(
@@ -36,6 +38,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         steps=args.steps,
         batch=args.batch,
         schedule=schedule,
+        lr=lr,
         loss=loss,
         seed=seed,
         backend=args.backend,
@@ -54,6 +57,7 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
         "depth": depth,
         "params": m.params,
         "schedule": schedule,
+        "lr": lr,
         "loss": loss,
         "polish": args.polish,
         "grow": args.grow,
@@ -73,23 +77,25 @@ def run_one(name: str, size: int, depth: int, args: argparse.Namespace, schedule
 def print_table(rows: list[dict], depths: list[int]) -> None:
     keys = []
     for r in rows:
-        key = (r["target"], r["schedule"], r["loss"])
+        key = (r["target"], r["schedule"], r["loss"], r.get("lr", 1e-2))
         if key not in keys:
             keys.append(key)
-    head = "| target | schedule | loss | " + " | ".join(f"depth {d}" for d in depths) + " |"
+    head = "| target | schedule | loss | lr | " + " | ".join(f"depth {d}" for d in depths) + " |"
     print(head)
-    print("|" + "---|" * (3 + len(depths)))
+    print("|" + "---|" * (4 + len(depths)))
     for key in keys:
         cells = []
         for d in depths:
-            sel = [r for r in rows if (r["target"], r["schedule"], r["loss"]) == key and r["depth"] == d]
+            sel = [
+                r for r in rows if (r["target"], r["schedule"], r["loss"], r.get("lr", 1e-2)) == key and r["depth"] == d
+            ]
             if not sel:
                 cells.append("—")
                 continue
             err = sum(r["relative_error"] for r in sel) / len(sel)
             svd = sel[0]["svd_relative_error"]
             cells.append(f"{err:.3g} ({svd:.3g})" if svd is not None else f"{err:.3g}")
-        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--schedules", default="paper", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     ap.add_argument("--losses", default="probes", help="comma-separated: probes, exact")
+    ap.add_argument("--lrs", default="0.01", help="comma-separated Adam learning rates (the schedule's peak)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--permutations", default="uniform", choices=sorted(SAMPLERS), help="permutation sampler")
     ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
@@ -118,17 +125,18 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
         for schedule in args.schedules.split(","):
             for loss in args.losses.split(","):
-                for depth in depths:
-                    for seed in (int(s) for s in args.seeds.split(",")):
-                        row = run_one(name, args.size, depth, args, schedule, loss, seed)
-                        rows.append(row)
-                        print(
-                            f"{name:9s} {schedule:14s} {loss:6s} depth {depth:3d} seed {seed}: "
-                            f"error {row['relative_error']:.4g} (SVD {row['svd_relative_error']:.4g}) "
-                            f"{row['seconds']:.0f} s",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                for lr in (float(v) for v in args.lrs.split(",")):
+                    for depth in depths:
+                        for seed in (int(s) for s in args.seeds.split(",")):
+                            row = run_one(name, args.size, depth, args, schedule, loss, seed, lr)
+                            rows.append(row)
+                            print(
+                                f"{name:9s} {schedule:14s} {loss:6s} lr {lr:g} depth {depth:3d} seed {seed}: "
+                                f"error {row['relative_error']:.4g} (SVD {row['svd_relative_error']:.4g}) "
+                                f"{row['seconds']:.0f} s",
+                                file=sys.stderr,
+                                flush=True,
+                            )
     print_table(rows, depths)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
