@@ -237,3 +237,15 @@ def test_bench_quality_tiny(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["target"] for r in rows] == ["perm", "lowrank3"]
     assert "| perm | paper | probes |" in capsys.readouterr().out
+
+
+def test_bench_quality_lr_sweep(tmp_path, capsys):
+    mod = load_script("benchmarks/bench_quality.py")
+    out = tmp_path / "q.json"
+    args = ["--size", "8", "--depths", "3", "--steps", "30", "--batch", "8", "--targets", "band3"]
+    mod.main([*args, "--backend", "torch", "--lrs", "0.01,0.05", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["lr"] for r in rows] == [0.01, 0.05]
+    assert rows[0]["relative_error"] != rows[1]["relative_error"]  # the lr reaches the fit
+    table = capsys.readouterr().out
+    assert "| band3 | paper | probes | 0.01 |" in table and "| band3 | paper | probes | 0.05 |" in table
