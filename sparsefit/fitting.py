@@ -139,13 +139,13 @@ def _emit(callbacks: Sequence[Any], name: str, *args: Any) -> None:
 class ExactProbes:
     """The scaled identity ``x = √k·I`` every step (``E[x xᵀ] = I`` as for N(0, I) probes, so the
     loss has the same scale): the loss is exactly ``||G~ − A||²_F / out``, with no probe noise.
-    ``t`` is computed once. Both are kept feature-major (transposed views of contiguous
-    ``(features, batch)`` tensors), the layout the fused CPU step reads without a copy."""
+    ``t`` is computed once, and made contiguous once (a sparse target's product is a transposed
+    view, which the fused step would otherwise copy every step)."""
 
     def __init__(self, tgt: Target, device: torch.device, dtype: torch.dtype) -> None:
         k = tgt.in_features
-        self.x = (torch.eye(k, device=device, dtype=dtype) * math.sqrt(k)).t()  # symmetric: same values
-        self.t = tgt.matmat(self.x).t().contiguous().t()
+        self.x = torch.eye(k, device=device, dtype=dtype) * math.sqrt(k)
+        self.t = tgt.matmat(self.x).contiguous()
         self.timings: dict[str, float] = {}
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +176,7 @@ class RandomProbes:
             x = self.draw(self.batch, self.gen).to(device=self.device, dtype=self.dtype)
         else:
             # drawn feature-major: the target's product then comes out feature-major too and the
-            # fused step reads both without a transposing copy (kernels/cpu.py, _feature_major)
+            # fused step reads both without a transposing copy (kernels/cpu.py, _layout)
             xt = torch.randn(self.tgt.in_features, self.batch, generator=self.gen, device=self.device, dtype=self.dtype)
             x = xt.t()
         t1 = time.perf_counter()

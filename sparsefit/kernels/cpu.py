@@ -141,16 +141,21 @@ if _HAVE_NUMBA:
     _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
     @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-    def _fit_step_kernel(x, t, blocks, perms, m, lanes, seglen, cp, seg, gbuf, gacc, sq):  # pragma: no cover
+    def _fit_step_kernel(
+        x, t, blocks, perms, m, lanes, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm
+    ):  # pragma: no cover
         # ``lanes`` is a runtime argument on purpose: with a compile-time trip count LLVM fully
         # unrolls the lane loops and then fails to vectorise them (may-alias row views); with a
         # runtime one the loop vectoriser emits AVX code with alias checks (6x faster backward).
         # Layers run in segments of ``seglen``: the forward keeps only each segment's input
         # (cp[s]) and the output (cp[nseg]); the backward recomputes a segment's inner
         # activations into ``seg`` just before it needs them (see cpu_apply.SEGMENT_BYTES).
-        # x and t are feature-major, (k, batch) and (m, batch): the layout probes are drawn in and
-        # a target's product comes out in (see _feature_major).
-        k, batch = x.shape
+        # ``x_fm`` / ``t_fm``: x is stored feature-major, (k, batch), t likewise (m, batch) — the
+        # layout probes are drawn in and a target's product comes out in — else row-major.
+        if x_fm:
+            k, batch = x.shape
+        else:
+            batch, k = x.shape
         depth, n = perms.shape
         nchunks = (batch + lanes - 1) // lanes
         groups = gacc.shape[0]
@@ -174,25 +179,39 @@ if _HAVE_NUMBA:
                 # input, zero-padded to the width and to full lanes
                 a0 = c[0]
                 a0[:, :] = zero
-                for i in range(k):
-                    xr = x[i]
-                    ar = a0[i]
+                if x_fm:
+                    for i in range(k):
+                        xr = x[i]
+                        ar = a0[i]
+                        for lane in range(nl):
+                            ar[lane] = xr[b0 + lane]
+                else:
                     for lane in range(nl):
-                        ar[lane] = xr[b0 + lane]
+                        xr = x[b0 + lane]
+                        for i in range(k):
+                            a0[i, lane] = xr[i]
                 # forward, keeping the segments' inputs and the output (cp[nseg])
                 _forward_segments(c, sb, seglen, nseg, blocks, perms, lanes)
                 # loss and its gradient at the output (rows >= m are sliced off: gradient 0)
                 out = c[nseg]
                 g0 = gb[0]
                 g0[:, :] = zero
-                for i in range(m):
-                    tr = t[i]
-                    orow = out[i]
-                    grow = g0[i]
+                if t_fm:
+                    for i in range(m):
+                        tr = t[i]
+                        orow = out[i]
+                        grow = g0[i]
+                        for lane in range(nl):
+                            d = orow[lane] - tr[b0 + lane]
+                            se += d * d
+                            grow[lane] = scale * d
+                else:
                     for lane in range(nl):
-                        d = orow[lane] - tr[b0 + lane]
-                        se += d * d
-                        grow[lane] = scale * d
+                        tr = t[b0 + lane]
+                        for i in range(m):
+                            d = out[i, lane] - tr[i]
+                            se += d * d
+                            g0[i, lane] = scale * d
                 # backward, segment by segment: gb[cur] holds dL/d(output of layer j)
                 cur = 0
                 for s in range(nseg - 1, -1, -1):
@@ -280,12 +299,15 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray
     return buf
 
 
-def _feature_major(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """``a: (batch, features)`` as the ``(features, batch)`` array the kernel reads: a view when
-    ``a`` is a transposed contiguous tensor (as :class:`sparsefit.fitting.RandomProbes` draws
-    probes, as a target's product comes out and as :class:`sparsefit.fitting.ExactProbes` keeps
-    its target), else one transposing copy."""
-    return a.detach().t().to(dtype).contiguous().numpy()
+def _layout(a: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
+    """``a: (batch, features)`` as a numpy array the kernel reads without a copy where possible:
+    ``(a.T, True)`` when ``a`` is a transposed contiguous tensor (feature-major, as
+    :class:`sparsefit.fitting.RandomProbes` draws probes and as a target's product comes out),
+    else ``(a, False)``, row-major."""
+    a = a.detach()
+    if a.dim() == 2 and a.shape[0] > 1 and a.t().is_contiguous() and not a.is_contiguous():
+        return a.t().to(dtype).contiguous().numpy(), True
+    return a.to(dtype).contiguous().numpy(), False
 
 
 def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
@@ -302,8 +324,8 @@ def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
     depth, h = blocks.shape[0], blocks.shape[1]
     n = 2 * h
     batch = x.shape[0]
-    xn = _feature_major(x, dtype)
-    tn = _feature_major(t, dtype)
+    xn, x_fm = _layout(x, dtype)
+    tn, t_fm = _layout(t, dtype)
     bn = blocks.detach().contiguous().numpy()
     pn = perms.detach().to(torch.int64).contiguous().numpy()  # no copy for a fit's int64 buffer
     nchunks = (batch + LANES - 1) // LANES
@@ -317,7 +339,7 @@ def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
     gbuf = _workspace("gbuf", (threads, 2, n, LANES), npdt)
     gacc = _workspace("gacc", (groups, depth, h, 2, 2), np.float64)
     sq = np.zeros(groups, dtype=np.float64)
-    _fit_step_kernel(xn, tn, bn, pn, int(out_features), LANES, seglen, cp, seg, gbuf, gacc, sq)
+    _fit_step_kernel(xn, tn, bn, pn, int(out_features), LANES, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm)
     return float(sq.sum()), gacc
 
 
