@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import itertools
 import json
 import sys
 import time
 
 import sparsefit
-from sparsefit.config import SCHEDULES
+from sparsefit.config import SCHEDULES, FitConfig
+from sparsefit.fileformat import atomic_output
 from sparsefit.permutations import SAMPLERS
 
 TARGETS = {"perm": ("perm", 1), "sparse3": ("sparse", 3), "band3": ("band", 3), "lowrank3": ("lowrank", 3)}
 
 
 def run_one(
-    name: str, size: int, depth: int, args: argparse.Namespace, schedule: str, loss: str, seed: int, lr: float = 1e-2
+    name: str, size: int, depth: int, args: argparse.Namespace, schedule: str, loss: str, seed: int, lr: float
 ) -> dict:
     kind, k = TARGETS[name]
     a = sparsefit.synth(kind, size=size, k=k, seed=seed)
@@ -74,21 +77,20 @@ def run_one(
     }
 
 
+def _key(r: dict) -> tuple:
+    """A table row: rows differing only in seed are averaged (JSON from before ``--lrs`` has no lr)."""
+    return (r["target"], r["schedule"], r["loss"], r.get("lr", FitConfig.lr))
+
+
 def print_table(rows: list[dict], depths: list[int]) -> None:
-    keys = []
-    for r in rows:
-        key = (r["target"], r["schedule"], r["loss"], r.get("lr", 1e-2))
-        if key not in keys:
-            keys.append(key)
+    keys = list(dict.fromkeys(_key(r) for r in rows))
     head = "| target | schedule | loss | lr | " + " | ".join(f"depth {d}" for d in depths) + " |"
     print(head)
     print("|" + "---|" * (4 + len(depths)))
     for key in keys:
         cells = []
         for d in depths:
-            sel = [
-                r for r in rows if (r["target"], r["schedule"], r["loss"], r.get("lr", 1e-2)) == key and r["depth"] == d
-            ]
+            sel = [r for r in rows if _key(r) == key and r["depth"] == d]
             if not sel:
                 cells.append("—")
                 continue
@@ -98,8 +100,26 @@ def print_table(rows: list[dict], depths: list[int]) -> None:
         print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | " + " | ".join(cells) + " |")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(v > 0 and v != float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be positive and finite, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=128, help="target size (the issue's is 1024)")
     ap.add_argument("--width", type=int, default=None, help="internal width (default 2·size)")
     ap.add_argument("--depths", default="24,40")
@@ -108,7 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--schedules", default="paper", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     ap.add_argument("--losses", default="probes", help="comma-separated: probes, exact")
-    ap.add_argument("--lrs", default="0.01", help="comma-separated Adam learning rates (the schedule's peak)")
+    ap.add_argument(
+        "--lrs",
+        type=_positive_floats,
+        default=[FitConfig.lr],
+        help=f"comma-separated Adam learning rates, the schedule's peak (default {FitConfig.lr:g})",
+    )
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--permutations", default="uniform", choices=sorted(SAMPLERS), help="permutation sampler")
     ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
@@ -119,33 +144,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
+    targets = args.targets.split(",")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        ap.error(f"unknown target {unknown[0]!r}; choose from {', '.join(TARGETS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    for name in args.targets.split(","):
-        if name not in TARGETS:
-            sys.exit(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
-        for schedule in args.schedules.split(","):
-            for loss in args.losses.split(","):
-                for lr in (float(v) for v in args.lrs.split(",")):
-                    for depth in depths:
-                        for seed in (int(s) for s in args.seeds.split(",")):
-                            row = run_one(name, args.size, depth, args, schedule, loss, seed, lr)
-                            rows.append(row)
-                            print(
-                                f"{name:9s} {schedule:14s} {loss:6s} lr {lr:g} depth {depth:3d} seed {seed}: "
-                                f"error {row['relative_error']:.4g} (SVD {row['svd_relative_error']:.4g}) "
-                                f"{row['seconds']:.0f} s",
-                                file=sys.stderr,
-                                flush=True,
-                            )
+    grid = itertools.product(targets, args.schedules.split(","), args.losses.split(","), args.lrs, depths, seeds)
+    for name, schedule, loss, lr, depth, seed in grid:
+        row = run_one(name, args.size, depth, args, schedule, loss, seed, lr)
+        rows.append(row)
+        print(
+            f"{name:9s} {schedule:14s} {loss:6s} lr {lr:g} depth {depth:3d} seed {seed}: "
+            f"error {row['relative_error']:.4g} (SVD {row['svd_relative_error']:.4g}) {row['seconds']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     print_table(rows, depths)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        with atomic_output(args.csv) as f:
+            f.write(text.getvalue().encode())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        with atomic_output(args.json) as f:
+            f.write(json.dumps(rows, indent=2).encode())
 
 
 if __name__ == "__main__":

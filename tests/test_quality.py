@@ -249,3 +249,22 @@ def test_bench_quality_lr_sweep(tmp_path, capsys):
     assert rows[0]["relative_error"] != rows[1]["relative_error"]  # the lr reaches the fit
     table = capsys.readouterr().out
     assert "| band3 | paper | probes | 0.01 |" in table and "| band3 | paper | probes | 0.05 |" in table
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (["--lrs", "abc"], "comma-separated numbers"),
+        (["--lrs", "0.01,-1"], "positive"),
+        (["--targets", "nope"], "nope"),
+    ],
+)
+def test_bench_quality_bad_arguments_one_line_exit_2(tmp_path, capsys, bad, says):
+    mod = load_script("benchmarks/bench_quality.py")
+    out = tmp_path / "q.json"
+    with pytest.raises(SystemExit) as e:
+        mod.main([*bad, "--json", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
