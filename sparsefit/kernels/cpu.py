@@ -15,8 +15,8 @@ N batched matmuls and their autograd bookkeeping, each streaming the whole batch
 memory):
 
 * the batch is cut into chunks of :data:`LANES` probes, stored feature-major
-  (``act[layer, feature, lane]``), so each 2×2 mix is a short SIMD loop over lanes and a
-  permutation gathers whole lane rows;
+  (``act[layer, feature, lane]``) in cache-line-aligned buffers, so each 2×2 mix is a few
+  vector operations on two rows (:mod:`.simd`) and a permutation gathers whole lane rows;
 * a chunk's backward follows its forward immediately, on activations kept per thread: every
   layer's when they fit in ``cpu_apply.SEGMENT_BYTES`` (about one core's L2), else only the input of
   each segment of ``seglen`` layers, the backward recomputing a segment's inner activations (bit
@@ -25,7 +25,8 @@ memory):
   so a fit times a few lengths as it goes (:class:`SegmentTuner`; ``(N + 1)·n·LANES`` values are
   10.5 MB at n = 2048, N = 40);
 * the backward pass scatters the input gradient through the permutation (a bijection, so no
-  write conflicts) and reduces the block gradient over the chunk's lanes;
+  write conflicts) and reduces the block gradient over the chunk's lanes, four blocks' sixteen
+  sums in one shuffle tree (:func:`.simd.tree_sums`);
 * chunks are spread over a fixed number of groups (not threads), each accumulating its own
   float64 gradient; groups are summed in a fixed order. The result is therefore the same for
   any thread count, so a seed reproduces a fit bit for bit.
@@ -42,8 +43,6 @@ import torch
 
 from .reference import gtilde_reference
 
-#: Probes per chunk (SIMD lanes of the inner loops).
-LANES = 32
 #: Number of gradient accumulators; fixed so that results do not depend on the thread count.
 GROUPS = 8
 
@@ -52,6 +51,7 @@ try:  # numba is a declared dependency, but the torch path must keep working wit
     import numpy as np
 
     from .cpu_apply import (
+        LANES,
         _forward_segments,
         _grad_layer_blocks,
         _grad_layer_both,
@@ -60,6 +60,7 @@ try:  # numba is a declared dependency, but the torch path must keep working wit
         segment_length,
     )
     from .fpenv import ftz_enter, ftz_exit
+    from .simd import aligned_empty
 
     _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only on installs without numba
@@ -141,12 +142,7 @@ if _HAVE_NUMBA:
     _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
     @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-    def _fit_step_kernel(
-        x, t, blocks, perms, m, lanes, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm
-    ):  # pragma: no cover
-        # ``lanes`` is a runtime argument on purpose: with a compile-time trip count LLVM fully
-        # unrolls the lane loops and then fails to vectorise them (may-alias row views); with a
-        # runtime one the loop vectoriser emits AVX code with alias checks (6x faster backward).
+    def _fit_step_kernel(x, t, blocks, perms, m, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm):  # pragma: no cover
         # Layers run in segments of ``seglen``: the forward keeps only each segment's input
         # (cp[s]) and the output (cp[nseg]); the backward recomputes a segment's inner
         # activations into ``seg`` just before it needs them (see cpu_apply.SEGMENT_BYTES).
@@ -157,7 +153,7 @@ if _HAVE_NUMBA:
         else:
             batch, k = x.shape
         depth, n = perms.shape
-        nchunks = (batch + lanes - 1) // lanes
+        nchunks = (batch + LANES - 1) // LANES
         groups = gacc.shape[0]
         scale = 2.0 / (m * batch)
         zero = blocks.dtype.type(0)
@@ -174,8 +170,8 @@ if _HAVE_NUMBA:
             c0 = (nchunks * g) // groups
             c1 = (nchunks * (g + 1)) // groups
             for ch in range(c0, c1):
-                b0 = ch * lanes
-                nl = min(lanes, batch - b0)
+                b0 = ch * LANES
+                nl = min(LANES, batch - b0)
                 # input, zero-padded to the width and to full lanes
                 a0 = c[0]
                 a0[:, :] = zero
@@ -191,7 +187,7 @@ if _HAVE_NUMBA:
                         for i in range(k):
                             a0[i, lane] = xr[i]
                 # forward, keeping the segments' inputs and the output (cp[nseg])
-                _forward_segments(c, sb, seglen, nseg, blocks, perms, lanes)
+                _forward_segments(c, sb, seglen, nseg, blocks, perms)
                 # loss and its gradient at the output (rows >= m are sliced off: gradient 0)
                 out = c[nseg]
                 g0 = gb[0]
@@ -216,13 +212,13 @@ if _HAVE_NUMBA:
                 cur = 0
                 for s in range(nseg - 1, -1, -1):
                     j0 = s * seglen
-                    _refill_segment(c, sb, s, seglen, blocks, perms, lanes)
+                    _refill_segment(c, sb, s, seglen, blocks, perms)
                     for j in range(min(depth, j0 + seglen) - 1, j0 - 1, -1):
                         src = _segment_input(c, sb, s, seglen, j)
                         if j > 0:
-                            _grad_layer_both(src, gb[cur], gb[1 - cur], perms[j], blocks[j], acc[j], lanes)
+                            _grad_layer_both(src, gb[cur], gb[1 - cur], perms[j], blocks[j], acc[j])
                         else:  # the input's gradient is not needed
-                            _grad_layer_blocks(src, gb[cur], perms[j], acc[j], lanes)
+                            _grad_layer_blocks(src, gb[cur], perms[j], acc[j])
                         cur = 1 - cur
             sq[g] = se
             ftz_exit(fp_mode)
@@ -291,7 +287,7 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray
     key = (name, shape, np.dtype(dtype).str)
     buf = _WORKSPACE.pop(key, None)
     if buf is None:
-        buf = np.empty(shape, dtype=dtype)
+        buf = aligned_empty(shape, dtype)
         same_name = [k for k in _WORKSPACE if k[0] == name]
         for k in same_name[: max(0, len(same_name) - _WORKSPACE_SHAPES + 1)]:  # least recently used first
             del _WORKSPACE[k]
@@ -339,7 +335,7 @@ def _run_kernel(x, t, blocks, perms, out_features, seglen=None):
     gbuf = _workspace("gbuf", (threads, 2, n, LANES), npdt)
     gacc = _workspace("gacc", (groups, depth, h, 2, 2), np.float64)
     sq = np.zeros(groups, dtype=np.float64)
-    _fit_step_kernel(xn, tn, bn, pn, int(out_features), LANES, seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm)
+    _fit_step_kernel(xn, tn, bn, pn, int(out_features), seglen, cp, seg, gbuf, gacc, sq, x_fm, t_fm)
     return float(sq.sum()), gacc
 
 

@@ -10,10 +10,11 @@ Layout (why it is fast): G~'s parameters are small (``N·n`` 2×2 blocks: 786 KB
 N = 24) while the dense layer is ``n²``, so the aim is to stream the input once and keep the
 state in cache through all ``N`` layers.
 
-* **Chunks of rows** (batch ≥ :data:`MIN_LANES_BATCH`): ``lanes`` rows at a time, stored
-  feature-major (``state[feature, lane]``), so a permutation gathers whole lane vectors
-  (contiguous loads) and each 2×2 mix is a short SIMD loop over lanes; the two ping-pong state
-  buffers (``2·n·lanes`` values, 512 KB at n = 4096) stay in L2 through every layer. Chunks are
+* **Chunks of rows** (batch ≥ :data:`MIN_LANES_BATCH`): :data:`LANES` rows at a time, stored
+  feature-major (``state[feature, lane]``) in 64-byte-aligned buffers, so a permutation gathers
+  whole lane rows (contiguous loads) and each 2×2 mix is a few vector operations on two rows
+  (:mod:`.simd`); the two ping-pong state buffers (``2·n·LANES`` values, 1 MB at n = 4096) stay
+  in L2 through every layer. Chunks are
   spread over threads (``prange``); each row's arithmetic is the same whichever thread runs it.
 * **Rows one by one, along the width** (batches below :data:`MIN_LANES_BATCH`): the state is
   one vector of ``n`` values (L1-resident up to n = 4096 in float32), one gather and one 2×2 mix
@@ -26,7 +27,8 @@ state in cache through all ``N`` layers.
   :data:`SEGMENT_BYTES`, only every :func:`segment_length`-th, the reverse pass recomputing the
   layers between from it — then runs the layers in reverse:
   the input gradient is scattered through the permutation (a bijection: no write conflicts)
-  and the block gradient is reduced over the chunk's lanes into one of a fixed number of
+  and the block gradient is reduced over the chunk's lanes (four blocks' sums in one shuffle
+  tree, :func:`.simd.tree_sums`) into one of a fixed number of
   float64 accumulators (:data:`GROUPS`), summed in a fixed order — the same bits for any
   thread count.
 
@@ -43,11 +45,18 @@ import numpy as np
 import torch
 
 from .fpenv import ftz_enter, ftz_exit
+from .simd import (
+    LANES,
+    QUAD,
+    aligned_empty,
+    grad_blocks_one,
+    grad_blocks_quad,
+    grad_both_one,
+    grad_both_quad,
+    grad_input_block,
+    layer_block,
+)
 
-#: Rows per chunk in the chunked kernels. With 16 (one AVX-512 vector) LLVM's vectorised loop
-#: (8 lanes × 4 interleaved) never runs and the scalar remainder does the work: 0.41 ns per
-#: entry and layer against 0.13 ns with 32 (n = 4096, one Zen 4 core; benchmarks/NOTES.md).
-LANES = 32
 #: Batches below this run row by row (a 32-lane chunk costs about six rows' time).
 MIN_LANES_BATCH = 6
 #: Calls with fewer entry-layer updates than this run on one thread (about 0.3 ms of work).
@@ -122,8 +131,8 @@ def _fwd_rows_parallel(x, blocks, perms, y, work):  # pragma: no cover - compile
 
 
 @numba.njit(inline="always", **_JIT)
-def _load_chunk(x, b0, nl, lanes, a):  # pragma: no cover - compiled
-    """Rows ``b0 .. b0+nl`` of ``x`` into feature-major ``a: (n, lanes)``, zero-padded."""
+def _load_chunk(x, b0, nl, a):  # pragma: no cover - compiled
+    """Rows ``b0 .. b0+nl`` of ``x`` into feature-major ``a: (n, LANES)``, zero-padded."""
     k = x.shape[1]
     n = a.shape[0]
     zero = a.dtype.type(0)
@@ -131,44 +140,31 @@ def _load_chunk(x, b0, nl, lanes, a):  # pragma: no cover - compiled
         ai = a[i]
         for lane in range(nl):
             ai[lane] = x[b0 + lane, i]
-        for lane in range(nl, lanes):
+        for lane in range(nl, LANES):
             ai[lane] = zero
     for i in range(k, n):
         a[i, :] = zero
 
 
 @numba.njit(inline="always", **_JIT)
-def _layer_lanes(src, dst, p, w, lanes):  # pragma: no cover - compiled
-    """``dst = B_j (P_j src)`` on feature-major chunks ``(n, lanes)``."""
-    h = p.shape[0] // 2
-    for b in range(h):
-        s0 = src[p[2 * b]]
-        s1 = src[p[2 * b + 1]]
-        d0 = dst[2 * b]
-        d1 = dst[2 * b + 1]
-        w00 = w[b, 0, 0]
-        w01 = w[b, 0, 1]
-        w10 = w[b, 1, 0]
-        w11 = w[b, 1, 1]
-        for lane in range(lanes):
-            u0 = s0[lane]
-            u1 = s1[lane]
-            d0[lane] = w00 * u0 + w01 * u1
-            d1[lane] = w10 * u0 + w11 * u1
+def _layer_lanes(src, dst, p, w):  # pragma: no cover - compiled
+    """``dst = B_j (P_j src)`` on feature-major chunks ``(n, LANES)`` (one vector per row, :mod:`.simd`)."""
+    for b in range(p.shape[0] // 2):
+        layer_block(src, dst, p, w, b)
 
 
 @numba.njit(inline="always", **_JIT)
-def _fwd_chunk(x, blocks, perms, y, lanes, ch, src, dst):  # pragma: no cover - compiled
-    """Rows ``ch·lanes ...`` of ``x`` through every layer, ``src``/``dst``: ``(n, lanes)`` scratch."""
+def _fwd_chunk(x, blocks, perms, y, ch, src, dst):  # pragma: no cover - compiled
+    """Rows ``ch·LANES ...`` of ``x`` through every layer, ``src``/``dst``: ``(n, LANES)`` scratch."""
     fp_mode = ftz_enter()
     batch = x.shape[0]
     depth = perms.shape[0]
     m = y.shape[1]
-    b0 = ch * lanes
-    nl = min(lanes, batch - b0)
-    _load_chunk(x, b0, nl, lanes, src)
+    b0 = ch * LANES
+    nl = min(LANES, batch - b0)
+    _load_chunk(x, b0, nl, src)
     for j in range(depth):
-        _layer_lanes(src, dst, perms[j], blocks[j], lanes)
+        _layer_lanes(src, dst, perms[j], blocks[j])
         src, dst = dst, src
     for lane in range(nl):
         yr = y[b0 + lane]
@@ -177,112 +173,52 @@ def _fwd_chunk(x, blocks, perms, y, lanes, ch, src, dst):  # pragma: no cover - 
     ftz_exit(fp_mode)
 
 
-# ``lanes`` is a runtime value on purpose: a compile-time trip count makes LLVM unroll the lane
-# loops fully and then not vectorise them (see kernels/cpu.py).
 @numba.njit(**_JIT)
-def _fwd_chunks_serial(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
-    for ch in range((x.shape[0] + lanes - 1) // lanes):
-        _fwd_chunk(x, blocks, perms, y, lanes, ch, work[0, 0], work[0, 1])
+def _fwd_chunks_serial(x, blocks, perms, y, work):  # pragma: no cover - compiled
+    for ch in range((x.shape[0] + LANES - 1) // LANES):
+        _fwd_chunk(x, blocks, perms, y, ch, work[0, 0], work[0, 1])
 
 
 @numba.njit(parallel=True, **_JIT)
-def _fwd_chunks_parallel(x, blocks, perms, y, lanes, work):  # pragma: no cover - compiled
-    for ch in numba.prange((x.shape[0] + lanes - 1) // lanes):
+def _fwd_chunks_parallel(x, blocks, perms, y, work):  # pragma: no cover - compiled
+    for ch in numba.prange((x.shape[0] + LANES - 1) // LANES):
         tid = numba.get_thread_id()
-        _fwd_chunk(x, blocks, perms, y, lanes, ch, work[tid, 0], work[tid, 1])
+        _fwd_chunk(x, blocks, perms, y, ch, work[tid, 0], work[tid, 1])
 
 
 @numba.njit(inline="always", **_JIT)
-def _grad_layer_both(src, gout, gin, p, w, acc, lanes):  # pragma: no cover - compiled
+def _grad_layer_both(src, gout, gin, p, w, acc):  # pragma: no cover - compiled
     """One layer of the reverse pass: ``gin = P_jᵀ B_jᵀ gout`` (scattered through the
-    permutation) and ``acc[b] += Σ_lanes gout_pair ⊗ (P_j src)_pair``, in one sweep over lanes."""
+    permutation) and ``acc[b] += Σ_lanes gout_pair ⊗ (P_j src)_pair``, in one sweep over each
+    block's rows; the lane sums of four blocks are reduced together (:mod:`.simd`)."""
     h = p.shape[0] // 2
-    zero = src.dtype.type(0)
-    for b in range(h):
-        i0 = p[2 * b]
-        i1 = p[2 * b + 1]
-        s0 = src[i0]
-        s1 = src[i1]
-        e0r = gout[2 * b]
-        e1r = gout[2 * b + 1]
-        d0 = gin[i0]
-        d1 = gin[i1]
-        w00 = w[b, 0, 0]
-        w01 = w[b, 0, 1]
-        w10 = w[b, 1, 0]
-        w11 = w[b, 1, 1]
-        s00 = zero
-        s01 = zero
-        s10 = zero
-        s11 = zero
-        for lane in range(lanes):
-            u0 = s0[lane]
-            u1 = s1[lane]
-            e0 = e0r[lane]
-            e1 = e1r[lane]
-            s00 += e0 * u0
-            s01 += e0 * u1
-            s10 += e1 * u0
-            s11 += e1 * u1
-            d0[lane] = w00 * e0 + w10 * e1
-            d1[lane] = w01 * e0 + w11 * e1
-        acc[b, 0, 0] += s00
-        acc[b, 0, 1] += s01
-        acc[b, 1, 0] += s10
-        acc[b, 1, 1] += s11
+    quads = h - h % QUAD
+    for b in range(0, quads, QUAD):
+        grad_both_quad(src, gout, gin, p, w, acc, b)
+    for b in range(quads, h):
+        grad_both_one(src, gout, gin, p, w, acc, b)
 
 
 @numba.njit(inline="always", **_JIT)
-def _grad_layer_blocks(src, gout, p, acc, lanes):  # pragma: no cover - compiled
+def _grad_layer_blocks(src, gout, p, acc):  # pragma: no cover - compiled
     """The block-gradient half of :func:`_grad_layer_both`."""
     h = p.shape[0] // 2
-    zero = src.dtype.type(0)
-    for b in range(h):
-        s0 = src[p[2 * b]]
-        s1 = src[p[2 * b + 1]]
-        e0r = gout[2 * b]
-        e1r = gout[2 * b + 1]
-        s00 = zero
-        s01 = zero
-        s10 = zero
-        s11 = zero
-        for lane in range(lanes):
-            u0 = s0[lane]
-            u1 = s1[lane]
-            e0 = e0r[lane]
-            e1 = e1r[lane]
-            s00 += e0 * u0
-            s01 += e0 * u1
-            s10 += e1 * u0
-            s11 += e1 * u1
-        acc[b, 0, 0] += s00
-        acc[b, 0, 1] += s01
-        acc[b, 1, 0] += s10
-        acc[b, 1, 1] += s11
+    quads = h - h % QUAD
+    for b in range(0, quads, QUAD):
+        grad_blocks_quad(src, gout, p, acc, b)
+    for b in range(quads, h):
+        grad_blocks_one(src, gout, p, acc, b)
 
 
 @numba.njit(inline="always", **_JIT)
-def _grad_layer_input(gout, gin, p, w, lanes):  # pragma: no cover - compiled
+def _grad_layer_input(gout, gin, p, w):  # pragma: no cover - compiled
     """The input-gradient half of :func:`_grad_layer_both`."""
-    h = p.shape[0] // 2
-    for b in range(h):
-        e0r = gout[2 * b]
-        e1r = gout[2 * b + 1]
-        d0 = gin[p[2 * b]]
-        d1 = gin[p[2 * b + 1]]
-        w00 = w[b, 0, 0]
-        w01 = w[b, 0, 1]
-        w10 = w[b, 1, 0]
-        w11 = w[b, 1, 1]
-        for lane in range(lanes):
-            e0 = e0r[lane]
-            e1 = e1r[lane]
-            d0[lane] = w00 * e0 + w10 * e1
-            d1[lane] = w01 * e0 + w11 * e1
+    for b in range(p.shape[0] // 2):
+        grad_input_block(gout, gin, p, w, b)
 
 
 @numba.njit(inline="always", **_JIT)
-def _forward_segments(c, sb, seglen, nrun, blocks, perms, lanes):  # pragma: no cover - compiled
+def _forward_segments(c, sb, seglen, nrun, blocks, perms):  # pragma: no cover - compiled
     """The first ``nrun`` checkpoint segments of a chunk's forward: segment ``s`` reads its
     input ``c[s]`` and writes its output to ``c[s + 1]``; inner layers ping-pong in ``sb[0:2]``."""
     depth = perms.shape[0]
@@ -292,18 +228,18 @@ def _forward_segments(c, sb, seglen, nrun, blocks, perms, lanes):  # pragma: no 
         for j in range(j0, j1):
             src = c[s] if j == j0 else sb[(j - j0 - 1) % 2]
             dst = c[s + 1] if j == j1 - 1 else sb[(j - j0) % 2]
-            _layer_lanes(src, dst, perms[j], blocks[j], lanes)
+            _layer_lanes(src, dst, perms[j], blocks[j])
 
 
 @numba.njit(inline="always", **_JIT)
-def _refill_segment(c, sb, s, seglen, blocks, perms, lanes):  # pragma: no cover - compiled
+def _refill_segment(c, sb, s, seglen, blocks, perms):  # pragma: no cover - compiled
     """Recompute segment ``s``'s inner layer inputs from its checkpoint: the input of layer
     ``j0 + i`` goes to ``sb[i - 1]`` (layer ``j0``'s input is ``c[s]``, see :func:`_segment_input`)."""
     depth = perms.shape[0]
     j0 = s * seglen
     j1 = min(depth, j0 + seglen)
     for j in range(j0, j1 - 1):
-        _layer_lanes(_segment_input(c, sb, s, seglen, j), sb[j - j0], perms[j], blocks[j], lanes)
+        _layer_lanes(_segment_input(c, sb, s, seglen, j), sb[j - j0], perms[j], blocks[j])
 
 
 @numba.njit(inline="always", **_JIT)
@@ -314,9 +250,7 @@ def _segment_input(c, sb, s, seglen, j):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", **_JIT)
-def _bwd_group(
-    gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, c, sb, gb, acc
-):  # pragma: no cover
+def _bwd_group(gy, x, blocks, perms, gx, seglen, need_x, need_blocks, g, groups, c, sb, gb, acc):  # pragma: no cover
     """Group ``g``'s chunks: recompute each chunk's forward (keeping the input of every segment
     of ``seglen`` layers in ``c``), then the reverse pass, segment by segment (inner activations
     recomputed into ``sb``); the block gradient accumulates into ``acc``."""
@@ -325,23 +259,23 @@ def _bwd_group(
     k = x.shape[1]
     depth = perms.shape[0]
     nseg = (depth + seglen - 1) // seglen
-    nchunks = (batch + lanes - 1) // lanes
+    nchunks = (batch + LANES - 1) // LANES
     if need_blocks:
         acc[:] = 0.0
     c0 = (nchunks * g) // groups
     c1 = (nchunks * (g + 1)) // groups
     for ch in range(c0, c1):
-        b0 = ch * lanes
-        nl = min(lanes, batch - b0)
+        b0 = ch * LANES
+        nl = min(LANES, batch - b0)
         if need_blocks:  # the block gradient needs every layer's input; the output is not needed
-            _load_chunk(x, b0, nl, lanes, c[0])
-            _forward_segments(c, sb, seglen, nseg - 1, blocks, perms, lanes)
-        _load_chunk(gy, b0, nl, lanes, gb[0])
+            _load_chunk(x, b0, nl, c[0])
+            _forward_segments(c, sb, seglen, nseg - 1, blocks, perms)
+        _load_chunk(gy, b0, nl, gb[0])
         cur = 0
         for s in range(nseg - 1, -1, -1):
             j0 = s * seglen
             if need_blocks:
-                _refill_segment(c, sb, s, seglen, blocks, perms, lanes)
+                _refill_segment(c, sb, s, seglen, blocks, perms)
             for j in range(min(depth, j0 + seglen) - 1, j0 - 1, -1):
                 gout = gb[cur]
                 gin = gb[1 - cur]
@@ -350,11 +284,11 @@ def _bwd_group(
                 if need_blocks:
                     src = _segment_input(c, sb, s, seglen, j)
                     if need_x or j > 0:
-                        _grad_layer_both(src, gout, gin, p, w, acc[j], lanes)
+                        _grad_layer_both(src, gout, gin, p, w, acc[j])
                     else:  # layer 0 without the input gradient
-                        _grad_layer_blocks(src, gout, p, acc[j], lanes)
+                        _grad_layer_blocks(src, gout, p, acc[j])
                 else:
-                    _grad_layer_input(gout, gin, p, w, lanes)
+                    _grad_layer_input(gout, gin, p, w)
                 cur = 1 - cur
         if need_x:
             g0 = gb[cur]
@@ -366,18 +300,14 @@ def _bwd_group(
 
 
 @numba.njit(**_JIT)
-def _bwd_serial(gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc):  # pragma: no cover
+def _bwd_serial(gy, x, blocks, perms, gx, seglen, need_x, need_blocks, cp, seg, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
     for g in range(groups):
-        _bwd_group(
-            gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, g, groups, cp[0], seg[0], gbuf[0], gacc[g]
-        )
+        _bwd_group(gy, x, blocks, perms, gx, seglen, need_x, need_blocks, g, groups, cp[0], seg[0], gbuf[0], gacc[g])
 
 
 @numba.njit(parallel=True, **_JIT)
-def _bwd_parallel(
-    gy, x, blocks, perms, gx, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc
-):  # pragma: no cover
+def _bwd_parallel(gy, x, blocks, perms, gx, seglen, need_x, need_blocks, cp, seg, gbuf, gacc):  # pragma: no cover
     groups = gacc.shape[0]
     for g in numba.prange(groups):
         tid = numba.get_thread_id()
@@ -387,7 +317,6 @@ def _bwd_parallel(
             blocks,
             perms,
             gx,
-            lanes,
             seglen,
             need_x,
             need_blocks,
@@ -465,8 +394,8 @@ def forward(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, out_feat
         work = np.empty((threads, 2, n), dtype=npdt)
         (_fwd_rows_serial if threads == 1 else _fwd_rows_parallel)(xn, bn, pn, yn, work)
     else:
-        work = np.empty((threads, 2, n, LANES), dtype=npdt)
-        (_fwd_chunks_serial if threads == 1 else _fwd_chunks_parallel)(xn, bn, pn, yn, LANES, work)
+        work = aligned_empty((threads, 2, n, LANES), npdt)
+        (_fwd_chunks_serial if threads == 1 else _fwd_chunks_parallel)(xn, bn, pn, yn, work)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -497,21 +426,20 @@ def backward(
     bn = _as_numpy(blocks, cdt)
     pn = _perms_numpy(perms)
     threads = _threads(3 * batch * n * depth)
-    lanes = min(LANES, batch)
-    nchunks = -(-batch // lanes)
+    nchunks = -(-batch // LANES)
     groups = min(GROUPS, nchunks)
     npdt = xn.dtype
     if seglen is None:
-        seglen = segment_length(depth, n, npdt.itemsize, lanes)
+        seglen = segment_length(depth, n, npdt.itemsize)
     seglen = int(seglen) if need_blocks else depth  # without the block gradient nothing is kept
     nseg = -(-depth // seglen)
-    cp = np.empty((threads, nseg if need_blocks else 1, n, lanes), dtype=npdt)
-    seg = np.empty((threads, max(2, seglen - 1) if need_blocks else 1, n, lanes), dtype=npdt)
-    gbuf = np.empty((threads, 2, n, lanes), dtype=npdt)
+    cp = aligned_empty((threads, nseg if need_blocks else 1, n, LANES), npdt)
+    seg = aligned_empty((threads, max(2, seglen - 1) if need_blocks else 1, n, LANES), npdt)
+    gbuf = aligned_empty((threads, 2, n, LANES), npdt)
     gacc = np.empty((groups, depth, h, 2, 2) if need_blocks else (groups, 0, 0, 2, 2), dtype=np.float64)
     gxn = gx.numpy() if gx is not None else np.empty((0, 0), dtype=npdt)
     (_bwd_serial if threads == 1 else _bwd_parallel)(
-        gyn, xn, bn, pn, gxn, lanes, seglen, need_x, need_blocks, cp, seg, gbuf, gacc
+        gyn, xn, bn, pn, gxn, seglen, need_x, need_blocks, cp, seg, gbuf, gacc
     )
     if gb is not None:
         _reduce_groups(gacc, gb.numpy())
