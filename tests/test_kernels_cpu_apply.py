@@ -94,8 +94,9 @@ def test_low_precision_storage(dtype):
     assert rel_err(gb, gb_ref) < 1e-2
 
 
-def test_only_one_gradient_and_no_grad():
-    perms, blocks, x, gy = _case(30, 17, 34, 5, 40, seed=4)
+@pytest.mark.parametrize("batch", [3, 40])  # row path and chunks
+def test_only_one_gradient_and_no_grad(batch):
+    perms, blocks, x, gy = _case(30, 17, 34, 5, batch, seed=4)
     _, gx_ref, gb_ref = _grads(gtilde_reference, x, blocks, perms, 17, gy)
     xr = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(_fused(xr, blocks, perms, 17), [xr], gy)

@@ -90,30 +90,84 @@ _JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True, "boundscheck": Fals
 # Kernels (compiled on first use)
 # ----------------------------------------------------------------------------------------------
 @numba.njit(inline="always", **_JIT)
+def _row_layer(src, dst, p, w):  # pragma: no cover - compiled
+    """``dst = B_j (P_j src)`` for one row (vectors of length n)."""
+    for b in range(p.shape[0] // 2):
+        u0 = src[p[2 * b]]
+        u1 = src[p[2 * b + 1]]
+        dst[2 * b] = w[b, 0, 0] * u0 + w[b, 0, 1] * u1
+        dst[2 * b + 1] = w[b, 1, 0] * u0 + w[b, 1, 1] * u1
+
+
+@numba.njit(inline="always", **_JIT)
+def _row_input(xr, u):  # pragma: no cover - compiled
+    """``u = x`` zero-padded to the width."""
+    k = xr.shape[0]
+    for i in range(k):
+        u[i] = xr[i]
+    for i in range(k, u.shape[0]):
+        u[i] = u.dtype.type(0)
+
+
+@numba.njit(inline="always", **_JIT)
 def _row_forward(xr, blocks, perms, yr, u, v):  # pragma: no cover - compiled
     """One row, vectorised along the width: ``u``, ``v`` are scratch vectors of length n."""
     fp_mode = ftz_enter()  # subnormals as zero in every kernel body (kernels/fpenv.py)
-    k = xr.shape[0]
+    _row_input(xr, u)
+    src, dst = u, v
+    for j in range(perms.shape[0]):
+        _row_layer(src, dst, perms[j], blocks[j])
+        src, dst = dst, src
+    for i in range(yr.shape[0]):
+        yr[i] = src[i]
+    ftz_exit(fp_mode)
+
+
+@numba.njit(**_JIT)
+def _bwd_rows(gy, x, blocks, perms, gx, need_x, need_blocks, states, gbuf, acc):  # pragma: no cover
+    """The reverse pass row by row (small batches, where a chunk of :data:`LANES` lanes would be
+    mostly padding): each row's forward keeps every layer's input in ``states: (depth, n)``, then
+    the layers run in reverse; a block's gradient from one row is an outer product, no lane sums.
+    Rows add into ``acc`` in order (one accumulator: the same bits for any thread count)."""
+    fp_mode = ftz_enter()
     depth, n = perms.shape
     h = n // 2
-    m = yr.shape[0]
-    zero = u.dtype.type(0)
-    for i in range(k):
-        u[i] = xr[i]
-    for i in range(k, n):
-        u[i] = zero
-    src, dst = u, v
-    for j in range(depth):
-        p = perms[j]
-        w = blocks[j]
-        for b in range(h):
-            u0 = src[p[2 * b]]
-            u1 = src[p[2 * b + 1]]
-            dst[2 * b] = w[b, 0, 0] * u0 + w[b, 0, 1] * u1
-            dst[2 * b + 1] = w[b, 1, 0] * u0 + w[b, 1, 1] * u1
-        src, dst = dst, src
-    for i in range(m):
-        yr[i] = src[i]
+    k = x.shape[1]
+    if need_blocks:
+        acc[:] = 0.0
+    for r in range(x.shape[0]):
+        if need_blocks:  # every layer's input; the output is not needed
+            _row_input(x[r], states[0])
+            for j in range(depth - 1):
+                _row_layer(states[j], states[j + 1], perms[j], blocks[j])
+        g = gbuf[0]
+        _row_input(gy[r], g)
+        cur = 0
+        for j in range(depth - 1, -1, -1):
+            gout = gbuf[cur]
+            gin = gbuf[1 - cur]
+            p = perms[j]
+            w = blocks[j]
+            src = states[j if need_blocks else 0]  # (one row when the block gradient is not wanted)
+            for b in range(h):
+                i0 = p[2 * b]
+                i1 = p[2 * b + 1]
+                e0 = gout[2 * b]
+                e1 = gout[2 * b + 1]
+                if need_blocks:
+                    u0 = float(src[i0])
+                    u1 = float(src[i1])
+                    acc[j, b, 0, 0] += e0 * u0
+                    acc[j, b, 0, 1] += e0 * u1
+                    acc[j, b, 1, 0] += e1 * u0
+                    acc[j, b, 1, 1] += e1 * u1
+                gin[i0] = w[b, 0, 0] * e0 + w[b, 1, 0] * e1
+                gin[i1] = w[b, 0, 1] * e0 + w[b, 1, 1] * e1
+            cur = 1 - cur
+        if need_x:
+            g = gbuf[cur]
+            for i in range(k):
+                gx[r, i] = g[i]
     ftz_exit(fp_mode)
 
 
@@ -425,6 +479,14 @@ def backward(
     xn = _as_numpy(x, cdt)
     bn = _as_numpy(blocks, cdt)
     pn = _perms_numpy(perms)
+    gxn = gx.numpy() if gx is not None else np.empty((0, 0), dtype=xn.dtype)
+    if batch < MIN_LANES_BATCH:
+        states = np.empty((depth if need_blocks else 1, n), dtype=xn.dtype)
+        acc = np.empty((depth, h, 2, 2) if need_blocks else (0, 0, 2, 2), dtype=np.float64)
+        _bwd_rows(gyn, xn, bn, pn, gxn, need_x, need_blocks, states, np.empty((2, n), dtype=xn.dtype), acc)
+        if gb is not None:
+            gb.copy_(torch.from_numpy(acc))
+        return (gx.to(x.dtype) if gx is not None else None), (gb.to(blocks.dtype) if gb is not None else None)
     threads = _threads(3 * batch * n * depth)
     nchunks = -(-batch // LANES)
     groups = min(GROUPS, nchunks)
@@ -437,7 +499,6 @@ def backward(
     seg = aligned_empty((threads, max(2, seglen - 1) if need_blocks else 1, n, LANES), npdt)
     gbuf = aligned_empty((threads, 2, n, LANES), npdt)
     gacc = np.empty((groups, depth, h, 2, 2) if need_blocks else (groups, 0, 0, 2, 2), dtype=np.float64)
-    gxn = gx.numpy() if gx is not None else np.empty((0, 0), dtype=npdt)
     (_bwd_serial if threads == 1 else _bwd_parallel)(
         gyn, xn, bn, pn, gxn, seglen, need_x, need_blocks, cp, seg, gbuf, gacc
     )

@@ -24,6 +24,10 @@ Contract (checked at compile time where numba's types allow): rows are C-contigu
 vector of length ``n``; ``w`` is ``(n/2, 2, 2)`` of that dtype; ``acc`` is ``(n/2, 2, 2)``
 float64. Block indices are not bounds-checked: the callers loop over ``range(n // 2)``.
 
+numba's on-disk cache keys a compiled function on its own source file only: after editing this
+module, delete the ``__pycache__/*.nbi``/``*.nbc`` files of ``sparsefit/kernels`` (an installed
+release has fresh files, so users are not affected), or the kernels keep the old code.
+
 References: ``tests/test_kernels_simd.py`` compares every intrinsic with numpy layer by layer
 (every tail of the four-block reduction, float32 and float64); the kernels built on them are
 compared with PyTorch autograd through :func:`sparsefit.kernels.reference.gtilde_reference` in
@@ -39,10 +43,9 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-#: Probes per chunk, and the vector length of every intrinsic here. With these intrinsics 16 and 64
-#: lanes were slower than 32 (one thread, width 2048, depth 40: 68 and 90 ms against 57 ms a
-#: step's kernel): 16 pays the per-block work twice per probe, 64 leaves a chunk's activations
-#: outside the L2 cache.
+#: Probes per chunk, and the vector length of every intrinsic here. With these intrinsics 64 lanes
+#: were slower than 32 (one thread, width 2048, depth 40: 90 against 57 ms a step's kernel: a
+#: chunk's activations leave the L2 cache), and 16 no faster (47 against 45 ms, aligned buffers).
 LANES = 32
 #: Blocks whose lane sums are reduced together (4 sums each: sixteen rows, one shuffle tree).
 QUAD = 4
