@@ -17,7 +17,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _openmp  # noqa: F401  (first: sets the OpenMP spin before torch loads GNU OpenMP)
 from .autosize import fit_auto
 from .config import FitConfig, Phase
 from .errors import SparsefitError

@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import FitConfig, Phase
@@ -154,34 +152,12 @@ class ExactProbes:
         return self.x, self.t
 
 
-#: N(0, I) probes are drawn as this many row blocks, each from its own generator: on the CPU the
-#: blocks are drawn at the same time on two threads (torch's sampler runs on one), and the bytes do
-#: not depend on how many cores there are.
-PROBE_STREAMS = 2
-
-_draw_pool: ThreadPoolExecutor | None = None
-
-
-def _probe_pool() -> ThreadPoolExecutor:
-    global _draw_pool
-    if _draw_pool is None:
-        _draw_pool = ThreadPoolExecutor(max_workers=PROBE_STREAMS - 1, thread_name_prefix="sparsefit-probes")
-    return _draw_pool
-
-
-def _stream_seed(seed: int, stream: int) -> int:
-    """Stream 0 keeps ``seed`` (custom ``draw`` callbacks get its generator); the others get
-    well-mixed seeds from ``numpy.random.SeedSequence``, so no two fit seeds share a stream."""
-    if stream == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
-
-
 class RandomProbes:
     """Fresh probes each step, N(0, I) or drawn by ``draw(batch, generator)``; ``t`` is the
     target's product (one GEMM for dense targets, a CSR product for sparse ones). N(0, I) probes
-    are drawn as ``(in_features, batch)``, in :data:`PROBE_STREAMS` row blocks, and returned
-    transposed (a view)."""
+    are draw ``k`` (the step) of :func:`sparsefit.kernels.gaussian.gaussian` under ``seed``: the
+    same float32 values on every device and thread count, drawn on all cores on the CPU. They are
+    drawn as ``(in_features, batch)`` and returned transposed (a view)."""
 
     def __init__(
         self,
@@ -193,23 +169,11 @@ class RandomProbes:
         draw: Callable[[int, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         self.tgt, self.batch, self.device, self.dtype, self.draw = tgt, batch, device, dtype, draw
-        self.gens = [torch.Generator(device=device).manual_seed(_stream_seed(seed, i)) for i in range(PROBE_STREAMS)]
-        self.gen = self.gens[0]
-        self.timings: dict[str, float] = {}
+        from .kernels.gaussian import gaussian  # imports numba when installed: not at package import
 
-    def _gaussian(self) -> torch.Tensor:
-        xt = torch.empty(self.tgt.in_features, self.batch, device=self.device, dtype=self.dtype)
-        bounds = [xt.shape[0] * i // PROBE_STREAMS for i in range(PROBE_STREAMS + 1)]
-        blocks = [(xt[lo:hi], gen) for lo, hi, gen in zip(bounds[:-1], bounds[1:], self.gens, strict=True)]
-        if self.device.type != "cpu":
-            for rows, gen in blocks:
-                rows.normal_(generator=gen)
-            return xt
-        pending = [_probe_pool().submit(rows.normal_, generator=gen) for rows, gen in blocks[1:]]
-        blocks[0][0].normal_(generator=blocks[0][1])
-        for f in pending:
-            f.result()
-        return xt
+        self.gaussian, self.seed, self.draws = gaussian, seed, 0
+        self.gen = torch.Generator(device=device).manual_seed(seed)  # for custom ``draw`` only
+        self.timings: dict[str, float] = {}
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
@@ -218,7 +182,9 @@ class RandomProbes:
         else:
             # drawn feature-major: the target's product then comes out feature-major too and the
             # fused step reads both without a transposing copy (kernels/cpu.py, _layout)
-            x = self._gaussian().t()
+            xt = self.gaussian((self.tgt.in_features, self.batch), self.seed, self.draws, self.device)
+            x = xt.to(self.dtype).t()
+        self.draws += 1
         t1 = time.perf_counter()
         t = self.tgt.matmat(x)
         self.timings = {"probes": t1 - t0, "target": time.perf_counter() - t1}

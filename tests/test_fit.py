@@ -332,46 +332,16 @@ def test_grow_helps_a_deep_fit():
     assert grown.metrics.relative_error < 0.8 * plain.metrics.relative_error
 
 
-@pytest.mark.parametrize("rows,batch", [(1, 1), (17, 3), (301, 17), (1024, 64)])
-def test_probes_are_two_seeded_row_blocks_same_bytes_as_a_serial_draw(rows, batch):
-    # the threaded draw gives exactly the serial definition: rows [0, rows//2) from stream 0
-    # (seeded with the seed itself), the rest from stream 1 (a SeedSequence-mixed seed)
-    from sparsefit.fitting import PROBE_STREAMS, RandomProbes, _stream_seed
-
-    assert PROBE_STREAMS == 2
-    tgt = as_target(np.ones((5, rows)))
-    tgt.prepare(torch.device("cpu"), torch.float32)
-    src = RandomProbes(tgt, batch, 7, torch.device("cpu"), torch.float32)
-    x, t = src.next()
-    assert x.shape == (batch, rows) and t.shape == (batch, 5)
-    half = rows // 2
-    want = torch.empty(rows, batch)
-    want[:half].normal_(generator=torch.Generator().manual_seed(7))
-    want[half:].normal_(generator=torch.Generator().manual_seed(_stream_seed(7, 1)))
-    assert torch.equal(x, want.t())
-    torch.testing.assert_close(t, x @ torch.ones(rows, 5), rtol=1e-5, atol=1e-4)
-    # the next draw continues both streams (fresh probes), and a second source repeats the first
-    x2, _ = src.next()
-    assert not torch.equal(x2, x)
-    again = RandomProbes(tgt, batch, 7, torch.device("cpu"), torch.float32)
-    assert torch.equal(again.next()[0], x)
-
-
-def test_probe_streams_do_not_collide_across_seeds():
-    from sparsefit.fitting import _stream_seed
-
-    seeds = {_stream_seed(s, i) for s in range(200) for i in range(2)}
-    assert len(seeds) == 400
-    assert _stream_seed(3, 0) == 3 and 0 <= _stream_seed(3, 1) < 2**63
-
-
-def test_probes_are_standard_normal():
+@pytest.mark.parametrize("rows,batch,dtype", [(1, 1, torch.float32), (17, 3, torch.float64), (301, 17, torch.float32)])
+def test_probes_are_the_counter_based_draws_of_the_step(rows, batch, dtype):
     from sparsefit.fitting import RandomProbes
+    from sparsefit.kernels.gaussian import gaussian_reference
 
-    tgt = as_target(np.eye(512))
-    tgt.prepare(torch.device("cpu"), torch.float64)
-    x, _ = RandomProbes(tgt, 512, 0, torch.device("cpu"), torch.float64).next()
-    for block in (x[:, :256], x[:, 256:]):  # each stream's block alone
-        assert abs(float(block.mean())) < 0.01 and abs(float(block.var()) - 1) < 0.01
-    # the two streams are not correlated
-    assert abs(float((x[:, :256] * x[:, 256:]).mean())) < 0.01
+    tgt = as_target(np.arange(5 * rows, dtype=np.float64).reshape(5, rows))
+    tgt.prepare(torch.device("cpu"), dtype)
+    src = RandomProbes(tgt, batch, 7, torch.device("cpu"), dtype)
+    for draw in range(2):  # fresh probes each step: draw k is the step's
+        x, t = src.next()
+        want = gaussian_reference(rows * batch, 7, draw).view(rows, batch).t().to(dtype)
+        assert x.dtype == dtype and x.shape == (batch, rows) and torch.equal(x, want)
+        torch.testing.assert_close(t, x @ tgt.dense(10**6).to(dtype).t())

@@ -312,3 +312,35 @@ grad_both_one = _grad_both(1)
 grad_blocks_quad = _grad_blocks(QUAD)
 #: ``grad_blocks_one(src, gout, perm, acc, b)``: block ``b`` alone, block gradient only.
 grad_blocks_one = _grad_blocks(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalar bit casts (for float32 arithmetic on the exponent and mantissa, e.g. kernels/gaussian.py)
+# ----------------------------------------------------------------------------------------------
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of a float32 as an int32 (a bit cast, not a conversion)."""
+    if x != types.float32:
+        raise TypingError(f"f32_bits takes a float32, got {x}")
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _I32)
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, x):
+    """The float32 whose IEEE bits are the low 32 bits of an integer (a bit cast)."""
+    if not isinstance(x, types.Integer):
+        raise TypingError(f"bits_f32 takes an integer, got {x}")
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.trunc(v, _I32)
+        elif x.bitwidth < 32:
+            v = builder.zext(v, _I32)
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
