@@ -33,6 +33,7 @@ across x86 vector widths and between :func:`gaussian_reference` and the numba ke
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -107,8 +108,15 @@ def _philox_reference(count: int, seed: int, draw: int, device: torch.device) ->
     return philox_rounds(c, seed & _MASK32, (seed >> 32) & _MASK32)
 
 
+@functools.lru_cache(maxsize=256)
+def _const(v: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=device)
+
+
 def _f32(v: np.float32, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float(v), dtype=torch.float32, device=like.device)
+    """``v`` as a float32 0-d tensor on ``like``'s device (kept: no host-to-device copy per call),
+    so that every operation rounds to float32 as the kernel does."""
+    return _const(float(v), like.device)
 
 
 def _log_u_reference(w: torch.Tensor) -> torch.Tensor:
