@@ -201,25 +201,9 @@ if fused_cpu_available():
 
     @numba.njit(inline="always", cache=True)
     def _philox(c0, c1, c2, c3, k0, k1):  # pragma: no cover - compiled
-        # ten rounds written out: the loop vectoriser works on the innermost loop only
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
-        c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-        k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
+        for _ in range(PHILOX_ROUNDS - 1):  # a constant trip count: LLVM unrolls it before vectorising
+            c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+            k0, k1 = (k0 + _W0) & _MU, (k1 + _W1) & _MU
         return _round(c0, c1, c2, c3, k0, k1)
 
     @numba.njit(inline="always", cache=True)
