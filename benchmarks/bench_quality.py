@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--schedules", default="paper", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
-    ap.add_argument("--losses", default="probes", help="comma-separated: probes, exact")
+    ap.add_argument("--losses", default="probes", help="comma-separated: probes, exact, late-exact")
     ap.add_argument(
         "--lrs",
         type=_positive_floats,

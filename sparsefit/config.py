@@ -171,10 +171,12 @@ INITS = ("random", "butterfly")
 
 #: The training loss: ``probes`` (the note's: fresh N(0, I) probes each step), ``exact`` (the
 #: whole ``||G~ − A||²_F / out`` each step, through the scaled identity as probes; a batch of
-#: ``in_features`` columns, exact gradients, no probe noise), or ``auto``: exact when the target
-#: has at most ``batch`` columns (then it costs no more than a batch of probes) and no custom
-#: probes are given, else probes.
-LOSSES = ("auto", "probes", "exact")
+#: ``in_features`` columns, exact gradients, no probe noise), ``late-exact`` (probes, then the
+#: exact loss over the schedule's last phase: probe noise while the structure forms, none while
+#: the low learning rate settles it), or ``auto``: exact when the target has at most ``batch``
+#: columns (then it costs no more than a batch of probes) and no custom probes are given, else
+#: probes.
+LOSSES = ("auto", "probes", "exact", "late-exact")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -285,7 +287,8 @@ class FitConfig(VersionedConfig):
         return width, resolve_depth(self.depth, width)
 
     def resolved_loss(self, in_features: int, custom_probes: bool = False) -> str:
-        """``probes`` or ``exact``: what ``loss`` means for a target with ``in_features`` columns."""
+        """``probes``, ``exact`` or ``late-exact``: what ``loss`` means for a target with
+        ``in_features`` columns."""
         if self.loss != "auto":
             return self.loss
         return "exact" if in_features <= self.batch and not custom_probes else "probes"

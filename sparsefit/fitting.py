@@ -191,13 +191,43 @@ class RandomProbes:
         return x, t
 
 
-def _exact_source(tgt: Target, op: GTilde) -> ExactProbes:
+class LateExactProbes:
+    """Gaussian probes for the first ``switch`` steps, then the exact loss: the limit of a
+    larger batch late. The exact source (``in_features²`` values) is built at the switch."""
+
+    def __init__(self, early: RandomProbes, tgt: Target, switch: int) -> None:
+        _check_exact_columns(tgt)
+        self.early, self.tgt, self.switch = early, tgt, switch
+        self.exact: ExactProbes | None = None
+        self.calls = 0
+        self.timings: dict[str, float] = {}
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        if self.calls <= self.switch:
+            out = self.early.next()
+            self.timings = self.early.timings
+            return out
+        if self.exact is None:
+            self.exact = ExactProbes(self.tgt, self.early.device, self.early.dtype)
+            self.timings = {}
+        return self.exact.next()
+
+
+def _check_exact_columns(tgt: Target) -> None:
     if tgt.in_features > EXACT_LOSS_MAX_COLUMNS:
         raise SparsefitError(
             f"the exact loss needs all {tgt.in_features} columns every step (more than "
             f"{EXACT_LOSS_MAX_COLUMNS}); use --loss probes (and no --polish)"
         )
+
+
+def _exact_source(tgt: Target, op: GTilde) -> ExactProbes:
+    _check_exact_columns(tgt)
     return ExactProbes(tgt, op.blocks.device, op.blocks.dtype)
+
+
+ProbeSource = ExactProbes | RandomProbes | LateExactProbes
 
 
 def make_probe_source(
@@ -205,15 +235,19 @@ def make_probe_source(
     config: FitConfig,
     op: GTilde,
     probes: Callable[[int, torch.Generator], torch.Tensor] | None = None,
-) -> ExactProbes | RandomProbes:
+) -> ProbeSource:
     """The probe source ``config`` asks for, on ``op``'s device and dtype (the target prepared there)."""
     device, dtype = op.blocks.device, op.blocks.dtype
     tgt.prepare(device, dtype)
-    if config.resolved_loss(tgt.in_features, custom_probes=probes is not None) == "exact":
-        if probes is not None:
-            raise SparsefitError("the exact loss probes with the identity; it cannot be combined with custom probes")
+    loss = config.resolved_loss(tgt.in_features, custom_probes=probes is not None)
+    if loss != "probes" and probes is not None:
+        raise SparsefitError(f"the {loss} loss probes with the identity; it cannot be combined with custom probes")
+    if loss == "exact":
         return _exact_source(tgt, op)
-    return RandomProbes(tgt, config.batch, config.seed + 1, device, dtype, probes)
+    random = RandomProbes(tgt, config.batch, config.seed + 1, device, dtype, probes)
+    if loss == "late-exact":
+        return LateExactProbes(random, tgt, switch=config.phase_steps()[-1][0])
+    return random
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,7 +526,7 @@ def fit(
         "shape": (m, k),
         "device": str(device),
         "backend": _step_backend(config, device).value,
-        "loss": "exact" if isinstance(source, ExactProbes) else "probes",
+        "loss": {ExactProbes: "exact", LateExactProbes: "late-exact"}.get(type(source), "probes"),
         "params": op.num_parameters,
     }
     _emit(callbacks, "on_start", info)

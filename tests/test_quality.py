@@ -13,7 +13,7 @@ import sparsefit
 from sparsefit import FitConfig, GTilde, SparsefitError, fit
 from sparsefit.autosize import AutoFitResult, depth_ladder, extend_operator, fit_auto, max_depth_for
 from sparsefit.cli import app
-from sparsefit.config import SCHEDULES
+from sparsefit.config import SCHEDULES, Phase
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = FitConfig(steps=150, batch=32, eval_every=50, backend="torch")
@@ -199,12 +199,36 @@ def test_exact_loss_matches_frobenius():
     assert r.history[-1][1] == pytest.approx(expect, rel=1e-6)
 
 
-def test_exact_loss_rejections():
+@pytest.mark.parametrize("loss", ["exact", "late-exact"])
+def test_identity_losses_reject_custom_probes_and_wide_targets(loss):
     with pytest.raises(SparsefitError, match="custom probes"):
-        fit(np.eye(4), FAST.replace(loss="exact"), probes=lambda b, g: torch.randn(b, 4, generator=g))
+        fit(np.eye(4), FAST.replace(loss=loss), probes=lambda b, g: torch.randn(b, 4, generator=g))
     wide = sparsefit.as_target(lambda x: x[:2], shape=(2, 20000))
     with pytest.raises(SparsefitError, match="use --loss probes"):
-        fit(wide, FAST.replace(loss="exact"))
+        fit(wide, FAST.replace(loss=loss))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_late_exact_is_probes_until_the_last_phase_then_the_exact_loss(backend):
+    a = sparsefit.synth("band", size=12, k=2, seed=0)
+    cfg = FAST.replace(steps=60, batch=12, eval_every=5, dtype="float64", seed=3, backend=backend)
+    switch = cfg.phase_steps()[-1][0]  # the paper schedule's last phase: step 50 of 60
+    assert switch == 50
+    seen = []
+    cb = type("CB", (), {"on_start": lambda s, i: seen.append(i)})()
+    probes = fit(a, cfg)
+    late = fit(a, cfg.replace(loss="late-exact"), [cb])
+    assert seen[0]["loss"] == "late-exact"
+    # the same bytes as the probe fit up to the switch ...
+    before = [h for h in late.history if h[0] <= switch]
+    assert before == [h for h in probes.history if h[0] <= switch]
+    # ... then the exact loss: with the learning rate made negligible after the switch, every
+    # window's loss is the same number, ||G~ − A||²_F / out of the operator at the switch
+    frozen = cfg.replace(loss="late-exact", phases=(Phase(50 / 60, 1e-2, 3.0), Phase(10 / 60, 1e-12, 0.3)))
+    r = fit(a, frozen)
+    after = [mse for step, mse in r.history if step > switch]
+    assert len(after) == 2 and after[0] == pytest.approx(after[1], rel=1e-9)
+    assert after[0] == pytest.approx(float(((r.operator.to_dense() - torch.from_numpy(a)) ** 2).sum()) / 12, rel=1e-6)
 
 
 def test_exact_loss_fits_better_than_probes_on_small_target():

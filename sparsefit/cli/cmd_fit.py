@@ -135,7 +135,7 @@ def fit_command(
     loss: Annotated[
         str,
         typer.Option(
-            help=f"Training loss: {', '.join(LOSSES)} (exact: the whole ||G~ − A||² each step; auto: exact for targets with at most --batch columns, else probes)."
+            help=f"Training loss: {', '.join(LOSSES)} (exact: the whole ||G~ − A||² each step; late-exact: probes, then exact over the schedule's last phase; auto: exact for targets with at most --batch columns, else probes)."
         ),
     ] = _DEFAULTS.loss,
     grow: Annotated[
