@@ -142,6 +142,8 @@ class ExactProbes:
     ``t`` is computed once, and made contiguous once (a sparse target's product is a transposed
     view, which the fused step would otherwise copy every step)."""
 
+    loss = "exact"
+
     def __init__(self, tgt: Target, device: torch.device, dtype: torch.dtype) -> None:
         k = tgt.in_features
         self.x = torch.eye(k, device=device, dtype=dtype) * math.sqrt(k)
@@ -158,6 +160,8 @@ class RandomProbes:
     are draw ``k`` (the step) of :func:`sparsefit.kernels.gaussian.gaussian` under ``seed``: the
     same float32 values on every device and thread count, drawn on all cores on the CPU. They are
     drawn as ``(in_features, batch)`` and returned transposed (a view)."""
+
+    loss = "probes"
 
     def __init__(
         self,
@@ -195,23 +199,27 @@ class LateExactProbes:
     """Gaussian probes for the first ``switch`` steps, then the exact loss: the limit of a
     larger batch late. The exact source (``in_features²`` values) is built at the switch."""
 
+    loss = "late-exact"
+
     def __init__(self, early: RandomProbes, tgt: Target, switch: int) -> None:
         _check_exact_columns(tgt)
         self.early, self.tgt, self.switch = early, tgt, switch
-        self.exact: ExactProbes | None = None
+        self._exact: ExactProbes | None = None
         self.calls = 0
         self.timings: dict[str, float] = {}
 
+    def exact(self) -> ExactProbes:
+        """The exact source, built on first use (the switch, or a polish after the steps)."""
+        if self._exact is None:
+            self._exact = ExactProbes(self.tgt, self.early.device, self.early.dtype)
+        return self._exact
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
-        if self.calls <= self.switch:
-            out = self.early.next()
-            self.timings = self.early.timings
-            return out
-        if self.exact is None:
-            self.exact = ExactProbes(self.tgt, self.early.device, self.early.dtype)
-            self.timings = {}
-        return self.exact.next()
+        source = self.early if self.calls <= self.switch else self.exact()
+        out = source.next()
+        self.timings = source.timings
+        return out
 
 
 def _check_exact_columns(tgt: Target) -> None:
@@ -228,6 +236,15 @@ def _exact_source(tgt: Target, op: GTilde) -> ExactProbes:
 
 
 ProbeSource = ExactProbes | RandomProbes | LateExactProbes
+
+
+def _exact_for(source: ProbeSource, tgt: Target, op: GTilde) -> ExactProbes:
+    """The exact source for a polish after the steps: the fit's own when it has one."""
+    if isinstance(source, ExactProbes):
+        return source
+    if isinstance(source, LateExactProbes):
+        return source.exact()
+    return _exact_source(tgt, op)
 
 
 def make_probe_source(
@@ -526,7 +543,7 @@ def fit(
         "shape": (m, k),
         "device": str(device),
         "backend": _step_backend(config, device).value,
-        "loss": {ExactProbes: "exact", LateExactProbes: "late-exact"}.get(type(source), "probes"),
+        "loss": source.loss,
         "params": op.num_parameters,
     }
     _emit(callbacks, "on_start", info)
@@ -556,7 +573,7 @@ def fit(
     if op.depth < depth:  # stopped before the last stage: the best so far, at the asked depth
         op = extend_operator(op, depth, seed=config.seed + len(stages)).to(device=device, dtype=dtype)
     if config.polish and not interrupted:
-        exact = source if isinstance(source, ExactProbes) else _exact_source(tgt, op)
+        exact = _exact_for(source, tgt, op)
         before = op.blocks.detach().clone()
         losses = polish(op, step, exact, config.polish, phases[-1][1].reg, should_stop)
         if not (losses and math.isfinite(losses[-1])):

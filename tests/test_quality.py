@@ -229,6 +229,9 @@ def test_late_exact_is_probes_until_the_last_phase_then_the_exact_loss(backend):
     after = [mse for step, mse in r.history if step > switch]
     assert len(after) == 2 and after[0] == pytest.approx(after[1], rel=1e-9)
     assert after[0] == pytest.approx(float(((r.operator.to_dense() - torch.from_numpy(a)) ** 2).sum()) / 12, rel=1e-6)
+    # a polish after the steps reuses the exact source built at the switch, and runs
+    polished = fit(a, cfg.replace(loss="late-exact", polish=20))
+    assert polished.metrics.relative_error <= late.metrics.relative_error
 
 
 def test_exact_loss_fits_better_than_probes_on_small_target():
