@@ -19,8 +19,11 @@ import csv
 import io
 import itertools
 import json
+import math
 import sys
 import time
+
+import numpy as np
 
 import sparsefit
 from sparsefit.config import SCHEDULES, FitConfig
@@ -48,11 +51,14 @@ def run_one(
         device=args.device,
         polish=args.polish,
         grow=args.grow,
+        sweeps=args.sweeps,
         sampler=args.permutations,
     )
     t0 = time.perf_counter()
-    r = sparsefit.fit(a, config)
+    sweeps: list = []
+    r = sparsefit.fit(a, config, [SweepLog(sweeps)])
     m = r.metrics
+    norm2 = float(np.sum(np.asarray(a, dtype=np.float64) ** 2))
     return {
         "target": name,
         "size": size,
@@ -64,6 +70,7 @@ def run_one(
         "loss": loss,
         "polish": args.polish,
         "grow": args.grow,
+        "sweeps": args.sweeps,
         "permutations": args.permutations,
         "seed": seed,
         "steps": args.steps,
@@ -74,7 +81,18 @@ def run_one(
         "mse_last": m.mse_last,
         "seconds": round(time.perf_counter() - t0, 2),
         "history": r.history,
+        # least-squares sweeps: (sweep, relative error, seconds since they started); sweep 0 is the
+        # Adam result they start from, so one run gives the error with and without them
+        "sweep_history": [(s.sweep, math.sqrt(s.mse * a.shape[0] / norm2), round(s.seconds, 2)) for s in sweeps],
     }
+
+
+class SweepLog:
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def on_sweep(self, info) -> None:
+        self.into.append(info)
 
 
 def _key(r: dict) -> tuple:
@@ -138,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--permutations", default="uniform", choices=sorted(SAMPLERS), help="permutation sampler")
     ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
     ap.add_argument("--grow", type=int, default=0, help="depth doublings (FitConfig.grow)")
+    ap.add_argument("--sweeps", type=int, default=0, help="least-squares sweeps at the end (FitConfig.sweeps)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--csv", default=None)
@@ -156,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(
             f"{name:9s} {schedule:14s} {loss:6s} lr {lr:g} depth {depth:3d} seed {seed}: "
-            f"error {row['relative_error']:.4g} (SVD {row['svd_relative_error']:.4g}) {row['seconds']:.0f} s",
+            f"error {row['relative_error']:.4g} (SVD {row['svd_relative_error']:.4g}"
+            + (f", before the sweeps {row['sweep_history'][0][1]:.4g}" if row["sweep_history"] else "")
+            + f") {row['seconds']:.0f} s",
             file=sys.stderr,
             flush=True,
         )

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import SparsefitError
 
-CONFIG_VERSION = 2  # 2: FitConfig.grow
+CONFIG_VERSION = 3  # 2: FitConfig.grow; 3: FitConfig.sweeps
 
 C = TypeVar("C", bound="VersionedConfig")
 
@@ -195,6 +195,9 @@ class FitConfig(VersionedConfig):
     ``butterfly``, see :data:`INITS`) picks the starting blocks and ``loss`` (``probes`` or
     ``exact``, see :data:`LOSSES`) the training loss; ``steps=0`` keeps a closed-form init as it is.
     ``polish``: L-BFGS iterations on the exact loss after the Adam steps (0: none).
+    ``sweeps``: least-squares sweeps on the exact loss after that (each layer's blocks solved in
+    closed form in turn, see :mod:`sparsefit.als`; 0: none). They need the dense target and a
+    width of at most :data:`sparsefit.als.ALS_MAX_WIDTH`.
     ``grow``: depth doublings. With ``grow = g`` the fit runs in ``g + 1`` stages of equal steps:
     the first at depth ``ceil(depth / 2^g)`` with the schedule, each next one at twice the depth
     (identity layers inserted, the matrix unchanged, see :func:`sparsefit.operator.extend_operator`)
@@ -218,6 +221,7 @@ class FitConfig(VersionedConfig):
     loss: str = "probes"
     polish: int = 0
     grow: int = 0
+    sweeps: int = 0
 
     KIND: ClassVar[str] = "fit config"
     VERSION: ClassVar[int] = CONFIG_VERSION
@@ -252,6 +256,8 @@ class FitConfig(VersionedConfig):
         object.__setattr__(self, "backend", parse_backend(self.backend).value)  # "numba" (old name) -> "cpu"
         if self.polish < 0:
             raise SparsefitError(f"polish must be >= 0 L-BFGS iterations, got {self.polish}")
+        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
+            raise SparsefitError(f"sweeps must be a whole number >= 0 of least-squares sweeps, got {self.sweeps!r}")
         if isinstance(self.grow, bool) or not isinstance(self.grow, int) or not (0 <= self.grow <= MAX_GROW):
             raise SparsefitError(
                 f"grow must be a whole number of depth doublings from 0 to {MAX_GROW}, got {self.grow!r}"

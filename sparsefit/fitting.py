@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .als import als_sweeps, check_als_width
 from .config import FitConfig, Phase
 from .errors import SparsefitError
 from .kernels import Backend, dispatch, fused_cpu_available, parse_backend, resolve_backend
@@ -457,6 +458,37 @@ def polish(
     return losses
 
 
+def _sweep(
+    op: GTilde,
+    exact: ExactProbes,
+    sweeps: int,
+    callbacks: Sequence[Any],
+    should_stop: Callable[[], bool] | None,
+) -> bool:
+    """Least-squares sweeps on ``op`` (in float64, then back to its dtype); keeps the blocks they
+    end with when that lowers the exact loss in ``op``'s dtype, else the ones they started from.
+    Returns True when Ctrl-C stopped them (what they had reached is kept)."""
+    blocks = op.blocks.detach().to(torch.float64)
+    a = exact.t.t().to(torch.float64) / math.sqrt(exact.x.shape[0])  # t = √k·Aᵀ
+    before, loss_before = op.blocks.detach().clone(), _exact_loss(op, exact)
+    interrupted = False
+    try:
+        als_sweeps(blocks, op.perms, a, sweeps, callbacks=callbacks, should_stop=should_stop)
+    except KeyboardInterrupt:
+        interrupted = True
+    with torch.no_grad():
+        op.blocks.copy_(blocks)
+        if _exact_loss(op, exact) >= loss_before:
+            op.blocks.copy_(before)
+    return interrupted
+
+
+def _exact_loss(op: GTilde, exact: ExactProbes) -> float:
+    """``k·||G~ − A||²_F`` in ``op``'s dtype (only compared, never reported)."""
+    with torch.no_grad():
+        return float(((op(exact.x, backend="torch") - exact.t) ** 2).sum(dtype=torch.float64))
+
+
 def _grow(
     op: GTilde, best: BestSoFar, depth: int, config: FitConfig, out_features: int, seed: int
 ) -> tuple[GTilde, TorchStep | NumbaStep, BestSoFar]:
@@ -532,6 +564,12 @@ def fit(
         start_blocks = op.blocks.detach().clone()
     else:
         op = GTilde(k, m, stages[0][1], width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
+    if config.sweeps:  # fail before the steps, not after them
+        check_als_width(width)
+        if probes is not None:
+            raise SparsefitError(
+                "least-squares sweeps fit the matrix itself; they cannot be combined with custom probes"
+            )
     source = make_probe_source(tgt, config, op, probes)
     step = make_step(op, config, m)
     phases = config.phase_steps()
@@ -579,6 +617,8 @@ def fit(
         if not (losses and math.isfinite(losses[-1])):
             with torch.no_grad():
                 op.blocks.copy_(before)
+    if config.sweeps and not interrupted:
+        interrupted = _sweep(op, _exact_for(source, tgt, op), config.sweeps, callbacks, should_stop)
     fit_seconds = time.perf_counter() - reporter.t0
     error = (
         _keep_start_if_better(op, tgt, start_blocks, config.seed, probes) if start_blocks is not None and done else None

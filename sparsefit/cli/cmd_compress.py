@@ -94,7 +94,7 @@ class DistillProgress(FitProgress):
                 where = "all blocks" if s.block is None else f"block {s.block}"
             done0, t0 = self.started
             rate = (s.done - done0) / max(time.perf_counter() - t0, 1e-9)  # this run's steps per second
-            self.progress.update(self.task, completed=s.done, mse=f"{s.loss:.3e} ({where})", rate=f"{rate:.1f}")
+            self.progress.update(self.task, completed=s.done, mse=f"{s.loss:.3e} ({where})", rate=f"{rate:.1f} step/s")
 
     def on_eval(self, e: Any) -> None:
         if self.progress is not None:

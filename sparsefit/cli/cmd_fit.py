@@ -146,6 +146,14 @@ def fit_command(
             "one-stage protocol.",
         ),
     ] = _DEFAULTS.grow,
+    sweeps: Annotated[
+        int,
+        typer.Option(
+            help="Least-squares sweeps after the Adam steps: each layer's blocks solved in closed form on "
+            "the exact loss, in turn (needs width ≤ 4096; about 0.8 s per layer at width 2048 on two "
+            "cores; docs/quality.md §10). 0: none.",
+        ),
+    ] = _DEFAULTS.sweeps,
     target_error: Annotated[
         float | None,
         typer.Option(
@@ -197,6 +205,7 @@ def fit_command(
         init=init,
         loss=loss,
         grow=grow,
+        sweeps=sweeps,
     )
     out = check_output_path(output or default_output(matrix))
     check_json_target(json_out)

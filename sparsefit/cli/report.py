@@ -34,6 +34,7 @@ class FitProgress:
         self.description = description
         self.progress: Progress | None = None
         self.task = None
+        self.sweep_task = None
 
     def __enter__(self) -> FitProgress:
         if not self.quiet:
@@ -42,7 +43,7 @@ class FitProgress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("mse {task.fields[mse]}"),
-                TextColumn("{task.fields[rate]} step/s"),
+                TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
@@ -63,7 +64,16 @@ class FitProgress:
     def on_step(self, s: Any) -> None:
         if self.progress is not None and self.task is not None:
             rate = s.step / s.seconds if s.seconds > 0 else 0.0
-            self.progress.update(self.task, completed=s.step, mse=f"{s.mse:.3e}", rate=f"{rate:.0f}")
+            self.progress.update(self.task, completed=s.step, mse=f"{s.mse:.3e}", rate=f"{rate:.0f} step/s")
+
+    def on_sweep(self, s: Any) -> None:
+        """Least-squares sweeps after the steps: a second bar."""
+        if self.progress is None:
+            return
+        if self.sweep_task is None:
+            self.sweep_task = self.progress.add_task("sweeps", total=s.total, mse="—", rate="—")
+        rate = f"{60 * s.sweep / s.seconds:.1f} sweep/min" if s.sweep and s.seconds > 0 else "—"
+        self.progress.update(self.sweep_task, completed=s.sweep, mse=f"{s.mse:.3e}", rate=rate)
 
 
 def check_json_target(path: str | None) -> None:

@@ -1,0 +1,182 @@
+"""Layer-wise least squares on the exact loss ("ALS sweeps"): each layer's blocks in closed form.
+
+``G~`` is linear in each layer's blocks. With the layers above layer ``j`` collapsed into
+``Q_j = S·L_{N-1}···L_{j+1}`` (``out × n``; ``S`` keeps the first ``out`` entries) and the ones
+below into ``Z_j = P_j·L_{j-1}···L_0·E`` (``n × in``; ``E`` zero-pads the input),
+``G~ = Q_j B_j Z_j`` and ``||G~ − A||²_F`` is a quadratic in ``B_j``'s ``2n`` entries. For the
+entry in row ``p`` and column ``q`` of ``B_j`` (``p`` and ``q`` in the same 2×2 block) its Hessian
+is ``H[(p,q),(p',q')] = (Q_jᵀQ_j)[p,p'] · (Z_jZ_jᵀ)[q,q']`` and its right-hand side
+``(Q_jᵀ A Z_jᵀ)[p,q]``. A sweep solves these ``2n × 2n`` systems for ``j = 0, …, N−1`` in turn
+(one Cholesky factorisation each), keeping ``Z_jZ_jᵀ`` and ``A Z_jᵀ`` up to date in ``O(n²)`` per
+layer; ``Q_j`` is built once per sweep, top down. Each solve is damped towards the current blocks
+(Levenberg–Marquardt, ``λ·||B_j − B_j^old||²`` with ``λ`` a tiny fraction of the Hessian's mean
+diagonal), so no layer raises the loss and the gauge freedom between layers cannot make a step
+blow up.
+
+This is block-coordinate Gauss–Newton (exact Newton, since the model is linear in each block): it
+needs the dense target and no probes, and it is a polish, not a fit from scratch — started from a
+random orthogonal operator it stalls far above what the Adam schedule reaches
+(``docs/quality.md`` §10). Everything runs in float64 on the operator's device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import SparsefitError
+
+__all__ = ["ALS_MAX_WIDTH", "SweepInfo", "als_memory_bytes", "als_sweeps", "check_als_width"]
+
+#: The widest operator a sweep is allowed on: each layer solves a ``2·width``-square system
+#: (width 4096: 8192², 0.5 GB, about 2.5 s per Cholesky factorisation on two cores).
+ALS_MAX_WIDTH = 4096
+#: Levenberg–Marquardt damping, relative to the mean diagonal of each layer's Hessian.
+DAMPING = 1e-9
+
+
+@dataclass(frozen=True)
+class SweepInfo:
+    """Reported to callbacks' ``on_sweep`` after each sweep: the exact loss
+    ``||G~ − A||²_F / out`` (the scale of the training MSE) before any sweep (``sweep = 0``) and
+    after each, and the seconds since the sweeps started."""
+
+    sweep: int
+    total: int
+    mse: float
+    seconds: float
+
+
+def check_als_width(width: int) -> None:
+    if width > ALS_MAX_WIDTH:
+        raise SparsefitError(
+            f"least-squares sweeps solve a {2 * width}-square system per layer; width {width} is above "
+            f"the limit of {ALS_MAX_WIDTH}: use --sweeps 0"
+        )
+
+
+def als_memory_bytes(depth: int, width: int, out_features: int) -> int:
+    """The float64 working set of a sweep: every ``Q_j``, one Hessian and its factor."""
+    return 8 * (depth * out_features * width + 2 * (2 * width) ** 2)
+
+
+def _mix_rows(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``blockdiag(b) @ z`` for ``z: (n, cols)``."""
+    h = b.shape[0]
+    return torch.einsum("hrc,hcx->hrx", b, z.reshape(h, 2, -1)).reshape(2 * h, -1)
+
+
+def _mix_cols(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``q @ blockdiag(b)`` for ``q: (rows, n)``."""
+    h = b.shape[0]
+    return torch.einsum("xhr,hrc->xhc", q.reshape(q.shape[0], h, 2), b).reshape(q.shape[0], 2 * h)
+
+
+def _mix_cols_t(u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``u @ blockdiag(b)ᵀ`` for ``u: (rows, n)``."""
+    h = b.shape[0]
+    return torch.einsum("xhc,hrc->xhr", u.reshape(u.shape[0], h, 2), b).reshape(u.shape[0], 2 * h)
+
+
+def _above(blocks: torch.Tensor, perms: torch.Tensor, out: int) -> list[torch.Tensor]:
+    """``Q_j`` for every layer: ``Q_{N−1} = S``, ``Q_j = Q_{j+1} B_{j+1} P_{j+1}``."""
+    depth, n = perms.shape
+    q = torch.zeros(out, n, dtype=blocks.dtype, device=blocks.device)
+    q[:, :out] = torch.eye(out, dtype=blocks.dtype, device=blocks.device)
+    qs = [q]
+    for j in range(depth - 2, -1, -1):
+        qb = _mix_cols(qs[-1], blocks[j + 1])
+        q = torch.empty_like(qb)
+        q[:, perms[j + 1]] = qb  # (Q P)[:, perm[i]] = Q[:, i], P gathering z[perm[i]] into row i
+        qs.append(q)
+    return qs[::-1]
+
+
+def _solve_layer(q: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor) -> torch.Tensor:
+    """The damped least-squares blocks of one layer (see the module docstring)."""
+    h = b_old.shape[0]
+    m4 = (q.t() @ q).reshape(h, 2, h, 2)
+    c4 = c.reshape(h, 2, h, 2)
+    # H[(b, r, c), (b', r', c')] = M[2b+r, 2b'+r'] · C[2b+c, 2b'+c']
+    hess = (m4[:, :, None, :, :, None] * c4[:, None, :, :, None, :]).reshape(4 * h, 4 * h)
+    rhs = torch.einsum("obr,obc->brc", q.reshape(q.shape[0], h, 2), u.reshape(u.shape[0], h, 2)).reshape(4 * h)
+    diag = hess.diagonal()
+    lam = DAMPING * float(diag.mean()) + 1e-300
+    theta_old = b_old.reshape(4 * h)
+    for _ in range(8):
+        diag.add_(lam)
+        factor, info = torch.linalg.cholesky_ex(hess)
+        if int(info) == 0:
+            theta = torch.cholesky_solve((rhs + lam * theta_old)[:, None], factor)[:, 0]
+            return theta.reshape(h, 2, 2)
+        diag.sub_(lam)
+        lam *= 1e3
+    return b_old.clone()  # numerically singular even when heavily damped: leave the layer as it is
+
+
+def als_sweeps(
+    blocks: torch.Tensor,
+    perms: torch.Tensor,
+    a: torch.Tensor,
+    sweeps: int,
+    *,
+    callbacks: Sequence[Any] = (),
+    should_stop: Callable[[], bool] | None = None,
+) -> list[float]:
+    """Run ``sweeps`` least-squares sweeps on ``blocks`` (float64, ``(depth, n/2, 2, 2)``, updated
+    in place) for the dense target ``a`` (``(out, in)``). Returns the exact loss
+    ``||G~ − A||²_F / out`` before the first sweep and after each completed one; it never rises.
+    Stops early when a sweep lowers the loss by less than one part in 10⁹ or ``should_stop()``
+    is true. On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the
+    loss) and the interrupt propagates."""
+    if blocks.dtype != torch.float64 or a.dtype != torch.float64:
+        raise TypeError("als_sweeps works in float64")
+    depth, n = perms.shape
+    out, k = a.shape
+    a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
+    a_pad[:, :k] = a
+    t0 = time.perf_counter()
+
+    def emit(i: int, mse: float) -> None:
+        info = SweepInfo(i, sweeps, mse, time.perf_counter() - t0)
+        for cb in callbacks:
+            fn = getattr(cb, "on_sweep", None)
+            if fn is not None:
+                fn(info)
+
+    losses: list[float] = []
+    for s in range(sweeps):
+        qs = _above(blocks, perms, out)
+        p0 = perms[0]
+        z = torch.zeros(n, k, dtype=a.dtype, device=a.device)
+        z[:k] = torch.eye(k, dtype=a.dtype, device=a.device)
+        z = z[p0]
+        c = z @ z.t()
+        u = a_pad[:, p0]
+        if not losses:
+            g0 = qs[0] @ _mix_rows(z, blocks[0])
+            losses.append(float(torch.sum((g0 - a) ** 2)) / out)
+            emit(0, losses[0])
+        for j in range(depth):
+            b = _solve_layer(qs[j], c, u, blocks[j])
+            blocks[j] = b
+            qs[j] = None  # type: ignore[call-overload]  # free as we go
+            z = _mix_rows(z, b)
+            c = _mix_cols_t(_mix_rows(c, b), b)
+            u = _mix_cols_t(u, b)
+            if j + 1 < depth:
+                p = perms[j + 1]
+                z, c, u = z[p], c[p][:, p], u[:, p]
+        mse = float(torch.sum((z[:out] - a) ** 2)) / out
+        losses.append(mse)
+        emit(s + 1, mse)
+        if not math.isfinite(mse) or losses[-2] - mse <= 1e-9 * losses[-2]:
+            break
+        if should_stop is not None and should_stop():
+            break
+    return losses
