@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .errors import SparsefitError
 
-__all__ = ["ALS_MAX_WIDTH", "SweepInfo", "als_memory_bytes", "als_sweeps", "check_als_width"]
+__all__ = ["ALS_MAX_WIDTH", "SweepInfo", "als_sweeps", "check_als_width"]
 
 #: The widest operator a sweep is allowed on: each layer solves a ``2·width``-square system
 #: (width 4096: 8192², 0.5 GB, about 2.5 s per Cholesky factorisation on two cores).
@@ -58,11 +57,6 @@ def check_als_width(width: int) -> None:
             f"least-squares sweeps solve a {2 * width}-square system per layer; width {width} is above "
             f"the limit of {ALS_MAX_WIDTH}: use --sweeps 0"
         )
-
-
-def als_memory_bytes(depth: int, width: int, out_features: int) -> int:
-    """The float64 working set of a sweep: every ``Q_j``, one Hessian and its factor."""
-    return 8 * (depth * out_features * width + 2 * (2 * width) ** 2)
 
 
 def _mix_rows(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,12 +119,13 @@ def als_sweeps(
     a: torch.Tensor,
     sweeps: int,
     *,
-    callbacks: Sequence[Any] = (),
+    on_sweep: Callable[[SweepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[float]:
     """Run ``sweeps`` least-squares sweeps on ``blocks`` (float64, ``(depth, n/2, 2, 2)``, updated
     in place) for the dense target ``a`` (``(out, in)``). Returns the exact loss
-    ``||G~ − A||²_F / out`` before the first sweep and after each completed one; it never rises.
+    ``||G~ − A||²_F / out`` before the first sweep and after each completed one (each also goes to
+    ``on_sweep`` as a :class:`SweepInfo`); it never rises.
     Stops early when a sweep lowers the loss by less than one part in 10⁹ or ``should_stop()``
     is true. On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the
     loss) and the interrupt propagates."""
@@ -143,11 +138,8 @@ def als_sweeps(
     t0 = time.perf_counter()
 
     def emit(i: int, mse: float) -> None:
-        info = SweepInfo(i, sweeps, mse, time.perf_counter() - t0)
-        for cb in callbacks:
-            fn = getattr(cb, "on_sweep", None)
-            if fn is not None:
-                fn(info)
+        if on_sweep is not None:
+            on_sweep(SweepInfo(i, sweeps, mse, time.perf_counter() - t0))
 
     losses: list[float] = []
     for s in range(sweeps):

@@ -473,7 +473,14 @@ def _sweep(
     before, loss_before = op.blocks.detach().clone(), _exact_loss(op, exact)
     interrupted = False
     try:
-        als_sweeps(blocks, op.perms, a, sweeps, callbacks=callbacks, should_stop=should_stop)
+        als_sweeps(
+            blocks,
+            op.perms,
+            a,
+            sweeps,
+            on_sweep=lambda info: _emit(callbacks, "on_sweep", info),
+            should_stop=should_stop,
+        )
     except KeyboardInterrupt:
         interrupted = True
     with torch.no_grad():

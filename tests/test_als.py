@@ -87,7 +87,7 @@ def test_sweeps_stop_when_asked_and_report_each_sweep():
         def on_sweep(self, info):
             seen.append((info.sweep, info.total, info.mse))
 
-    losses = als_sweeps(op.blocks.detach().clone(), op.perms, a, 5, callbacks=[Log()], should_stop=lambda: True)
+    losses = als_sweeps(op.blocks.detach().clone(), op.perms, a, 5, on_sweep=Log().on_sweep, should_stop=lambda: True)
     assert len(losses) == 2 and [s[:2] for s in seen] == [(0, 5), (1, 5)]
     assert [s[2] for s in seen] == losses
     with pytest.raises(TypeError):
