@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                     loss=args.loss,
                     seed=args.seed,
                     grow=grow,
+                    sweeps=0,  # the schedule's own depth curve, no least-squares sweeps
                 )
                 t0 = time.perf_counter()
                 m = sparsefit.fit(a, cfg).metrics

@@ -222,7 +222,7 @@ def fit_step(quick):
         print(f"{backend}: {ms:.3f} ms/step", flush=True)
     steps = 600 if quick else 3000
     t0 = time.perf_counter()
-    r = sparsefit.fit(a.cpu().numpy(), sparsefit.FitConfig(depth=24, steps=steps, batch=1024, device="cuda"))
+    r = sparsefit.fit(a.cpu().numpy(), sparsefit.FitConfig(depth=24, steps=steps, batch=1024, device="cuda", sweeps=0))
     wall = time.perf_counter() - t0
     res.update({"fit_steps": steps, "fit_wall_s": wall, "fit_relative_error": r.metrics.relative_error})
     RESULTS["fit_step"] = res

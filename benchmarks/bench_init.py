@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
         for init in inits:
             t0 = time.time()
             config = sparsefit.FitConfig(
-                depth=depth, steps=steps, batch=size, loss="exact", schedule=schedule, seed=0, lr=lr
+                depth=depth, steps=steps, batch=size, loss="exact", schedule=schedule, seed=0, lr=lr, sweeps=0
             )
             r = sparsefit.fit(target, config, init=make_init(init, size, depth, 0))
             row = dict(

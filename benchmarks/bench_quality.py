@@ -70,7 +70,7 @@ def run_one(
         "loss": loss,
         "polish": args.polish,
         "grow": args.grow,
-        "sweeps": args.sweeps,
+        "sweeps": r.config.sweeps,  # the count asked or, with --sweeps auto, the one fit resolved
         "permutations": args.permutations,
         "seed": seed,
         "steps": args.steps,
@@ -93,6 +93,15 @@ class SweepLog:
 
     def on_sweep(self, info) -> None:
         self.into.append(info)
+
+
+def _sweeps(text: str) -> int | None:
+    if text == "auto":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("--sweeps takes a count >= 0 or 'auto'")
+    return value
 
 
 def _key(r: dict) -> tuple:
@@ -156,7 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--permutations", default="uniform", choices=sorted(SAMPLERS), help="permutation sampler")
     ap.add_argument("--polish", type=int, default=0, help="L-BFGS iterations on the exact loss at the end")
     ap.add_argument("--grow", type=int, default=0, help="depth doublings (FitConfig.grow)")
-    ap.add_argument("--sweeps", type=int, default=0, help="least-squares sweeps at the end (FitConfig.sweeps)")
+    ap.add_argument(
+        "--sweeps",
+        type=_sweeps,
+        default=0,
+        help="least-squares sweeps at the end (FitConfig.sweeps); 'auto' is the library's default, "
+        "as many as the steps afford",
+    )
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--csv", default=None)

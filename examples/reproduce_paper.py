@@ -59,6 +59,7 @@ def run(args: argparse.Namespace, log=print, on_row=None) -> list[dict]:
                 seed=args.seed,
                 backend=args.backend,
                 device=args.device,
+                sweeps=0,  # the note's protocol: Adam steps only
             )
             t0 = time.perf_counter()
             m = sparsefit.fit(a, config).metrics

@@ -30,13 +30,22 @@ import torch
 
 from .errors import SparsefitError
 
-__all__ = ["ALS_MAX_WIDTH", "SweepInfo", "als_sweeps", "check_als_width"]
+__all__ = ["ALS_MAX_WIDTH", "AUTO_SWEEPS", "SweepInfo", "affordable_sweeps", "als_sweeps", "check_als_width"]
 
 #: The widest operator a sweep is allowed on: each layer solves a ``2·width``-square system
 #: (width 4096: 8192², 0.5 GB, about 2.5 s per Cholesky factorisation on two cores).
 ALS_MAX_WIDTH = 4096
 #: Levenberg–Marquardt damping, relative to the mean diagonal of each layer's Hessian.
 DAMPING = 1e-9
+#: A sweep that lowers the loss by less than this fraction ends the sweeps.
+TOLERANCE = 1e-4
+#: The most sweeps the default (``FitConfig.sweeps = None``) runs.
+AUTO_SWEEPS = 15
+#: What one sweep costs in Adam steps with one probe, per width²: a sweep is ``depth`` Cholesky
+#: factorisations of ``2·width``-square systems (``∝ width³``), an Adam step ``∝ width·batch``.
+#: Measured at width 2048 on a 2-core AMD EPYC (Zen 4): a depth-40 sweep 30 s, a batch-1024 step
+#: 25 ms, so one sweep is about 1200 steps (``docs/quality.md`` §10).
+SWEEP_COST = 0.3
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,17 @@ def check_als_width(width: int) -> None:
             f"least-squares sweeps solve a {2 * width}-square system per layer; width {width} is above "
             f"the limit of {ALS_MAX_WIDTH}: use --sweeps 0"
         )
+
+
+def affordable_sweeps(width: int, steps: int, batch: int) -> int:
+    """The default number of sweeps: as many as cost no more than the ``steps`` Adam steps of
+    ``batch`` probes before them (by :data:`SWEEP_COST`, the same on every machine, so the same
+    command gives the same bytes), at most :data:`AUTO_SWEEPS`; none above :data:`ALS_MAX_WIDTH`.
+    At the note's protocol for a 1024 × 1024 target (width 2048, 12000 steps, batch 1024) that is
+    9, at width 2048 with 3000 steps of batch 256 none."""
+    if width > ALS_MAX_WIDTH or steps < 1:
+        return 0
+    return min(AUTO_SWEEPS, int(steps * batch / (SWEEP_COST * width * width)))
 
 
 def _mix_rows(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -126,8 +146,8 @@ def als_sweeps(
     in place) for the dense target ``a`` (``(out, in)``). Returns the exact loss
     ``||G~ − A||²_F / out`` before the first sweep and after each completed one (each also goes to
     ``on_sweep`` as a :class:`SweepInfo`); it never rises.
-    Stops early when a sweep lowers the loss by less than one part in 10⁹ or ``should_stop()``
-    is true. On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the
+    Stops early when a sweep lowers the loss by less than :data:`TOLERANCE` of it or
+    ``should_stop()`` is true. On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the
     loss) and the interrupt propagates."""
     if blocks.dtype != torch.float64 or a.dtype != torch.float64:
         raise TypeError("als_sweeps works in float64")
@@ -167,7 +187,7 @@ def als_sweeps(
         mse = float(torch.sum((z[:out] - a) ** 2)) / out
         losses.append(mse)
         emit(s + 1, mse)
-        if not math.isfinite(mse) or losses[-2] - mse <= 1e-9 * losses[-2]:
+        if not math.isfinite(mse) or losses[-2] - mse <= TOLERANCE * losses[-2]:
             break
         if should_stop is not None and should_stop():
             break

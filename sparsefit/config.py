@@ -9,7 +9,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import SparsefitError
 
-CONFIG_VERSION = 3  # 2: FitConfig.grow; 3: FitConfig.sweeps
+CONFIG_VERSION = 4  # 2: FitConfig.grow; 3: FitConfig.sweeps; 4: sweeps=None (as many as the steps' cost) the default
 
 C = TypeVar("C", bound="VersionedConfig")
 
@@ -186,9 +186,10 @@ DTYPES = ("float32", "float64")
 class FitConfig(VersionedConfig):
     """How to fit G~ to a target.
 
-    Defaults reproduce the note's protocol: 12000 online Adam steps on fresh Gaussian probes,
-    batch 1024, the three-phase ``paper`` schedule (lr 1e-2 with reg 3 for 7/12 of the steps,
-    reg 0.3 for 3/12, lr 1e-3 for the last 2/12), width ``2·max(out, in)``.
+    Defaults run the note's protocol — 12000 online Adam steps on fresh Gaussian probes, batch
+    1024, the three-phase ``paper`` schedule (lr 1e-2 with reg 3 for 7/12 of the steps, reg 0.3
+    for 3/12, lr 1e-3 for the last 2/12), width ``2·max(out, in)`` — then least-squares sweeps
+    that cost no more than the steps did (``sweeps=0`` is the note's protocol alone).
 
     ``depth=None`` means ``2·ceil(log2 width)``; ``width=None`` means ``2·max(out, in)``.
     ``phases`` overrides ``schedule`` and ``lr`` when given. ``init`` (``random`` or
@@ -196,8 +197,10 @@ class FitConfig(VersionedConfig):
     ``exact``, see :data:`LOSSES`) the training loss; ``steps=0`` keeps a closed-form init as it is.
     ``polish``: L-BFGS iterations on the exact loss after the Adam steps (0: none).
     ``sweeps``: least-squares sweeps on the exact loss after that (each layer's blocks solved in
-    closed form in turn, see :mod:`sparsefit.als`; 0: none). They need the dense target and a
-    width of at most :data:`sparsefit.als.ALS_MAX_WIDTH`.
+    closed form in turn, see :mod:`sparsefit.als`; 0: none); they stop early once a sweep gains
+    less than 0.01 %. A number needs a width of at most :data:`sparsefit.als.ALS_MAX_WIDTH` and no
+    custom probes; ``None`` (the default) means :meth:`resolved_sweeps`: as many as cost no more
+    than the Adam steps, up to 15, and none with custom probes or above that width.
     ``grow``: depth doublings. With ``grow = g`` the fit runs in ``g + 1`` stages of equal steps:
     the first at depth ``ceil(depth / 2^g)`` with the schedule, each next one at twice the depth
     (identity layers inserted, the matrix unchanged, see :func:`sparsefit.operator.extend_operator`)
@@ -221,7 +224,7 @@ class FitConfig(VersionedConfig):
     loss: str = "probes"
     polish: int = 0
     grow: int = 0
-    sweeps: int = 0
+    sweeps: int | None = None
 
     KIND: ClassVar[str] = "fit config"
     VERSION: ClassVar[int] = CONFIG_VERSION
@@ -256,7 +259,9 @@ class FitConfig(VersionedConfig):
         object.__setattr__(self, "backend", parse_backend(self.backend).value)  # "numba" (old name) -> "cpu"
         if self.polish < 0:
             raise SparsefitError(f"polish must be >= 0 L-BFGS iterations, got {self.polish}")
-        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
+        if self.sweeps is not None and (
+            isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0
+        ):
             raise SparsefitError(f"sweeps must be a whole number >= 0 of least-squares sweeps, got {self.sweeps!r}")
         if isinstance(self.grow, bool) or not isinstance(self.grow, int) or not (0 <= self.grow <= MAX_GROW):
             raise SparsefitError(
@@ -298,6 +303,21 @@ class FitConfig(VersionedConfig):
         if self.loss != "auto":
             return self.loss
         return "exact" if in_features <= self.batch and not custom_probes else "probes"
+
+    def resolved_sweeps(self, width: int, custom_probes: bool = False) -> int:
+        """The number of sweeps ``sweeps`` means at this width (see the class docstring)."""
+        if self.sweeps is not None:
+            return self.sweeps
+        from .als import affordable_sweeps
+
+        return 0 if custom_probes else affordable_sweeps(width, self.steps, self.batch)
+
+    @classmethod
+    def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
+        """Before version 4 an absent ``sweeps`` meant none (version 3 always wrote it)."""
+        if version < 4:
+            d.setdefault("sweeps", 0)
+        return d
 
     def resolved_phases(self) -> tuple[Phase, ...]:
         return self.phases if self.phases is not None else SCHEDULES[self.schedule](self.lr)

@@ -73,6 +73,7 @@ class FitMetrics:
     steps_run: int
     seconds: float
     interrupted: bool
+    sweeps_run: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -464,21 +465,22 @@ def _sweep(
     sweeps: int,
     callbacks: Sequence[Any],
     should_stop: Callable[[], bool] | None,
-) -> bool:
+) -> tuple[int, bool]:
     """Least-squares sweeps on ``op`` (in float64, then back to its dtype); keeps the blocks they
     end with when that lowers the exact loss in ``op``'s dtype, else the ones they started from.
-    Returns True when Ctrl-C stopped them (what they had reached is kept)."""
+    Returns the sweeps completed and whether Ctrl-C stopped them (what they had reached is kept)."""
     blocks = op.blocks.detach().to(torch.float64)
     a = exact.t.t().to(torch.float64) / math.sqrt(exact.x.shape[0])  # t = √k·Aᵀ
     before, loss_before = op.blocks.detach().clone(), _exact_loss(op, exact)
     interrupted = False
+    done: list[Any] = []
     try:
         als_sweeps(
             blocks,
             op.perms,
             a,
             sweeps,
-            on_sweep=lambda info: _emit(callbacks, "on_sweep", info),
+            on_sweep=lambda info: (done.append(info), _emit(callbacks, "on_sweep", info)),
             should_stop=should_stop,
         )
     except KeyboardInterrupt:
@@ -487,7 +489,7 @@ def _sweep(
         op.blocks.copy_(blocks)
         if _exact_loss(op, exact) >= loss_before:
             op.blocks.copy_(before)
-    return interrupted
+    return (done[-1].sweep if done else 0), interrupted
 
 
 def _exact_loss(op: GTilde, exact: ExactProbes) -> float:
@@ -571,6 +573,7 @@ def fit(
         start_blocks = op.blocks.detach().clone()
     else:
         op = GTilde(k, m, stages[0][1], width, seed=config.seed, sampler=config.sampler, dtype=dtype, device=device)
+    config = config.replace(sweeps=config.resolved_sweeps(width, custom_probes=probes is not None))  # what runs
     if config.sweeps:  # fail before the steps, not after them
         check_als_width(width)
         if probes is not None:
@@ -624,8 +627,9 @@ def fit(
         if not (losses and math.isfinite(losses[-1])):
             with torch.no_grad():
                 op.blocks.copy_(before)
+    sweeps_run = 0
     if config.sweeps and not interrupted:
-        interrupted = _sweep(op, _exact_for(source, tgt, op), config.sweeps, callbacks, should_stop)
+        sweeps_run, interrupted = _sweep(op, _exact_for(source, tgt, op), config.sweeps, callbacks, should_stop)
     fit_seconds = time.perf_counter() - reporter.t0
     error = (
         _keep_start_if_better(op, tgt, start_blocks, config.seed, probes) if start_blocks is not None and done else None
@@ -637,6 +641,7 @@ def fit(
         error=error,
         mse_last=best.last_mse if not interrupted else best.best_mse,
         steps_run=done,
+        sweeps_run=sweeps_run,
         seconds=fit_seconds,
         interrupted=interrupted,
     )
@@ -682,6 +687,7 @@ def evaluate(
     seed: int = 0,
     mse_last: float = math.nan,
     steps_run: int = 0,
+    sweeps_run: int = 0,
     seconds: float = 0.0,
     interrupted: bool = False,
     shape: tuple[int, int] | None = None,
@@ -717,4 +723,5 @@ def evaluate(
         steps_run=steps_run,
         seconds=seconds,
         interrupted=interrupted,
+        sweeps_run=sweeps_run,
     )

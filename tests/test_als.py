@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import sparsefit
 from sparsefit import FitConfig, GTilde, SparsefitError, fit
-from sparsefit.als import _solve_layer, als_sweeps
+from sparsefit.als import AUTO_SWEEPS, _solve_layer, affordable_sweeps, als_sweeps
 from sparsefit.cli import app
 from sparsefit.config import CONFIG_VERSION
 from sparsefit.kernels.reference import gtilde_reference
@@ -96,7 +96,7 @@ def test_sweeps_stop_when_asked_and_report_each_sweep():
 
 def test_fit_with_sweeps_starts_from_the_adam_result_and_lowers_the_error():
     a = sparsefit.synth("sparse", size=24, k=3, seed=1)[:, :17]  # rectangular, width 48
-    cfg = FitConfig(depth=10, steps=300, batch=32, eval_every=50, backend="torch", seed=2)
+    cfg = FitConfig(depth=10, steps=300, batch=32, eval_every=50, backend="torch", seed=2, sweeps=0)
     plain = fit(a, cfg)
     seen = []
 
@@ -115,14 +115,74 @@ def test_fit_with_sweeps_starts_from_the_adam_result_and_lowers_the_error():
 
 
 def test_sweeps_config_validation_and_version():
-    assert FitConfig(sweeps=3).to_dict()["sweeps"] == 3 and CONFIG_VERSION == 3
+    assert FitConfig(sweeps=3).to_dict()["sweeps"] == 3 and CONFIG_VERSION == 4
+    assert FitConfig().sweeps is None and FitConfig.from_dict(FitConfig().to_dict()).sweeps is None
     old = FitConfig().to_dict()
     old.pop("sweeps")
-    old["version"] = 2
+    old["version"] = 2  # written before sweeps existed: none ran, none run again
     assert FitConfig.from_dict(old).sweeps == 0
-    for bad in (-1, True, 1.5):
+    for bad in (-1, True, 1.5, "auto"):
         with pytest.raises(SparsefitError, match="sweeps"):
             FitConfig(sweeps=bad)
+
+
+def test_default_sweeps_cost_no_more_than_the_steps():
+    assert affordable_sweeps(2048, 12000, 1024) == 9  # the note's protocol for a 1024 x 1024 target
+    assert affordable_sweeps(2048, 3000, 256) == 0  # the README's first command
+    assert affordable_sweeps(4096, 12000, 1024) == 2
+    assert affordable_sweeps(4098, 10**9, 1024) == 0  # above the solvable width
+    assert affordable_sweeps(64, 12000, 1024) == AUTO_SWEEPS
+    assert affordable_sweeps(64, 0, 1024) == 0
+    cfg = FitConfig(steps=200, batch=32)
+    assert cfg.resolved_sweeps(64) == affordable_sweeps(64, 200, 32) == 5
+    assert cfg.resolved_sweeps(64, custom_probes=True) == 0
+    assert cfg.replace(sweeps=0).resolved_sweeps(64) == 0 and cfg.replace(sweeps=7).resolved_sweeps(10**6) == 7
+
+
+def test_default_fit_sweeps_and_records_how_many():
+    a = sparsefit.synth("band", size=20, k=3, seed=3)[:, :13]  # width 40
+    cfg = FitConfig(depth=8, steps=200, batch=16, eval_every=50, seed=1)
+    seen = []
+
+    class Log:
+        def on_sweep(self, info):
+            seen.append(info)
+
+    r = fit(a, cfg, [Log()])
+    n = affordable_sweeps(40, 200, 16)
+    assert n == 6 and r.config.sweeps == n and seen and seen[-1].total == n
+    assert r.metrics.sweeps_run == seen[-1].sweep >= 1
+    plain = fit(a, cfg.replace(sweeps=0))
+    assert r.metrics.relative_error < plain.metrics.relative_error
+    # a target too wide to sweep, and custom probes, fit without sweeps by default (no error)
+    wide = fit(np.ones((2049, 1), dtype=np.float32), FitConfig(depth=2, steps=2, batch=2))
+    assert wide.config.sweeps == 0
+    probed = fit(
+        np.eye(6, dtype=np.float32), FitConfig(steps=5, batch=4), probes=lambda b, g: torch.randn(b, 6, generator=g)
+    )
+    assert probed.config.sweeps == 0
+
+
+def test_compress_sweeps_only_when_asked():
+    from sparsefit.compress import CompressConfig
+    from sparsefit.compress.layer import compress_matrix
+
+    seen = []
+
+    class Log:
+        def on_sweep(self, info):
+            seen.append(info)
+
+    cfg = CompressConfig(depth=4, max_params_ratio=1.0, fit=FitConfig(steps=50, batch=16))
+    compress_matrix(torch.randn(12, 12), cfg, name="w", callbacks=[Log()])
+    assert not seen
+    compress_matrix(
+        torch.randn(12, 12),
+        CompressConfig(depth=4, max_params_ratio=1.0, fit=FitConfig(steps=50, batch=16, sweeps=2)),
+        name="w",
+        callbacks=[Log()],
+    )
+    assert seen
 
 
 def test_sweeps_refuse_wide_targets_and_custom_probes_before_the_steps():
@@ -162,6 +222,9 @@ def test_cli_fit_with_sweeps(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["config"]["sweeps"] == 2 and out.exists()
+    assert 1 <= report["sweeps_run"] <= 2, report
+    table = runner.invoke(app, ["fit", str(src), "--depth", "8", "--steps", "100", "--batch", "16", "-o", str(out)])
+    assert table.exit_code == 0 and "least-squares sweeps" in table.output and " of 5" in table.output, table.output
     bad = runner.invoke(app, ["fit", str(src), "--sweeps", "-2", "-o", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and "sweeps must be" in bad.output
     assert not (tmp_path / "x.safetensors").exists()

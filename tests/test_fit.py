@@ -233,7 +233,7 @@ def test_step_loss_and_grad_match_reference(backend):
 
 def test_polish_lowers_the_exact_loss_and_same_seed_same_bytes():
     a = sparsefit.synth("sparse", size=12, k=2, seed=2)
-    cfg = FitConfig(depth=8, steps=150, loss="exact", phases=(Phase(1.0, 1e-2, 0.0),), seed=4)
+    cfg = FitConfig(depth=8, steps=150, loss="exact", phases=(Phase(1.0, 1e-2, 0.0),), seed=4, sweeps=0)
     plain = fit(a, cfg)
     pol = fit(a, cfg.replace(polish=30))
     assert pol.metrics.relative_error < plain.metrics.relative_error
@@ -316,7 +316,7 @@ def test_grow_stopped_in_the_first_stage_keeps_the_best_at_the_asked_depth():
 
 def test_grow_torch_and_fused_steps_agree_in_float64():
     a = sparsefit.synth("sparse", size=10, k=2, seed=3)
-    cfg = FitConfig(depth=6, steps=60, batch=20, loss="exact", grow=1, dtype="float64", seed=2)
+    cfg = FitConfig(depth=6, steps=60, batch=20, loss="exact", grow=1, dtype="float64", seed=2, sweeps=0)
     fused = fit(a, cfg.replace(backend="cpu"))
     ref = fit(a, cfg.replace(backend="torch"))
     assert torch.equal(fused.operator.perms, ref.operator.perms)

@@ -16,7 +16,7 @@ from sparsefit.cli import app
 from sparsefit.config import SCHEDULES, Phase
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = FitConfig(steps=150, batch=32, eval_every=50, backend="torch")
+FAST = FitConfig(steps=150, batch=32, eval_every=50, backend="torch", sweeps=0)  # the Adam steps alone
 
 
 def load_script(relpath: str):

@@ -41,11 +41,21 @@ def fit_report_rows(r: FitResult, backend: str | None = None) -> list[tuple[str,
         ("FLOPs per matvec", f"{fmt(m.flops)} vs {fmt(m.dense_flops)} dense"),
         ("truncated SVD, same budget", svd),
         ("steps", f"{fmt(m.steps_run)}" + (" (interrupted)" if m.interrupted else "")),
+        ("least-squares sweeps", _sweeps(r)),
         ("fit time", f"{m.seconds:.1f} s"),
     ]
     if backend:
         rows.append(("backend", backend))
     return rows
+
+
+def _sweeps(r: FitResult) -> str:
+    """``6 of 9 (converged)``, ``9 of 9``, ``none``: how many ran of how many the config asked for."""
+    ran, asked = r.metrics.sweeps_run, r.config.sweeps or 0
+    if not asked:
+        return "none"
+    why = "" if ran == asked else (" (interrupted)" if r.metrics.interrupted else " (converged)")
+    return f"{ran} of {asked}{why}"
 
 
 def _stages(r: FitResult) -> str:
@@ -147,13 +157,16 @@ def fit_command(
         ),
     ] = _DEFAULTS.grow,
     sweeps: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="Least-squares sweeps after the Adam steps: each layer's blocks solved in closed form on "
-            "the exact loss, in turn (needs width ≤ 4096; about 0.8 s per layer at width 2048 on two "
-            "cores; docs/quality.md §10). 0: none.",
+            "the exact loss, in turn; they stop early once a sweep gains < 0.01 % (needs width ≤ 4096; "
+            "about 0.8 s per layer at width 2048 on two cores; docs/quality.md §10). Default: as many as "
+            "cost no more than the steps, up to 15 (9 for a 1024 × 1024 target at the default steps). "
+            "0: none, the note's protocol.",
+            show_default="auto",
         ),
-    ] = _DEFAULTS.sweeps,
+    ] = None,
     target_error: Annotated[
         float | None,
         typer.Option(

@@ -138,7 +138,8 @@ def compress_matrix(
     for d in depths:
         # a depth doubling fit (fit.grow) starts shallower by itself, so it takes no warm start
         init = extend_operator(prev, d, seed=config.fit.seed + d) if prev is not None and not config.fit.grow else None
-        fc = config.fit.replace(depth=d, width=width)
+        # compress sweeps only when asked: a default-sized sweep per layer would outlast the fits
+        fc = config.fit.replace(depth=d, width=width, sweeps=config.fit.sweeps or 0)
         result = fit(target, fc, callbacks, init=init, probes=probes)
         if result.interrupted:
             raise Interrupted(name)

@@ -264,6 +264,7 @@ class GTildeSettings:
             sampler=self.sampler,
             device="cpu",
             eval_every=max(1, min(50, self.steps)),
+            sweeps=0,  # the data loss has no dense target to sweep on
         )
 
 
