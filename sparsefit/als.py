@@ -6,8 +6,11 @@ below into ``Z_j = P_j·L_{j-1}···L_0·E`` (``n × in``; ``E`` zero-pads the 
 ``G~ = Q_j B_j Z_j`` and ``||G~ − A||²_F`` is a quadratic in ``B_j``'s ``2n`` entries. For the
 entry in row ``p`` and column ``q`` of ``B_j`` (``p`` and ``q`` in the same 2×2 block) its Hessian
 is ``H[(p,q),(p',q')] = (Q_jᵀQ_j)[p,p'] · (Z_jZ_jᵀ)[q,q']`` and its right-hand side
-``(Q_jᵀ A Z_jᵀ)[p,q]``. A sweep solves these ``2n × 2n`` systems for ``j = 0, …, N−1`` in turn
-(one Cholesky factorisation each), keeping ``Z_jZ_jᵀ`` and ``A Z_jᵀ`` up to date in ``O(n²)`` per
+``(Q_jᵀ A Z_jᵀ)[p,q]``. A sweep solves these ``2n × 2n`` systems for ``j = 0, …, N−1`` in turn,
+each by :data:`CG_ITERS` conjugate-gradient steps from the current blocks, preconditioned by the
+Hessian's 4 × 4 diagonal blocks, with the Hessian never formed (its product is ``O(n²)``,
+:mod:`sparsefit.kernels.hessian`); ``exact=True`` factorises it instead (Cholesky, ``O(n³)``, 3×
+slower at width 2048 for the same loss within a few parts in 10⁴, ``docs/quality.md`` §12). It keeps ``Z_jZ_jᵀ`` and ``A Z_jᵀ`` up to date in ``O(n²)`` per
 layer; ``Q_j`` is built once per sweep, top down. Each solve is damped towards the current blocks
 (Levenberg–Marquardt, ``λ·||B_j − B_j^old||²`` with ``λ`` a tiny fraction of the Hessian's mean
 diagonal), so no layer raises the loss and the gauge freedom between layers cannot make a step
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SparsefitError
+from .kernels.hessian import hessian_product
 
 __all__ = ["ALS_MAX_WIDTH", "AUTO_SWEEPS", "SweepInfo", "affordable_sweeps", "als_sweeps", "check_als_width"]
 
@@ -41,11 +45,17 @@ DAMPING = 1e-9
 TOLERANCE = 1e-4
 #: The most sweeps the default (``FitConfig.sweeps = None``) runs.
 AUTO_SWEEPS = 15
-#: What one sweep costs in Adam steps with one probe, per width²: a sweep is ``depth`` Cholesky
-#: factorisations of ``2·width``-square systems (``∝ width³``), an Adam step ``∝ width·batch``.
-#: Measured at width 2048 on a 2-core AMD EPYC (Zen 4): a depth-40 sweep 30 s, a batch-1024 step
-#: 25 ms, so one sweep is about 1200 steps (``docs/quality.md`` §10).
-SWEEP_COST = 0.3
+#: What one sweep costs in Adam steps with one probe, per width²: a sweep is ``depth`` layer
+#: solves (a ``QᵀQ`` product, ``∝ width³``, and ``O(width²)`` work), an Adam step ``∝ width·batch``.
+#: ``benchmarks/bench_sweep.py`` measures it: at width 2048, depth 40, 0.3 with the Cholesky solve
+#: on a 2-core Zen 4 EPYC (a sweep 30 s, a batch-1024 step 25 ms); with the conjugate-gradient
+#: solve a sweep is 3× cheaper (0.042 against 0.125 on a 2-core Xeon whose steps are slower), so
+#: about 0.1 on the EPYC.
+SWEEP_COST = 0.1
+#: Conjugate-gradient steps per layer solve, and the drop in the preconditioned residual
+#: (``rᵀP⁻¹r``, relative to the start) that ends them sooner.
+CG_ITERS = 10
+CG_TOLERANCE = 1e-20
 
 
 @dataclass(frozen=True)
@@ -111,17 +121,80 @@ def _above(blocks: torch.Tensor, perms: torch.Tensor, out: int) -> list[torch.Te
     return qs[::-1]
 
 
-def _solve_layer(q: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor) -> torch.Tensor:
-    """The damped least-squares blocks of one layer (see the module docstring)."""
+def _layer_system(
+    q: torch.Tensor, c: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's normal equations in the factored form both solvers use: ``M = QᵀQ``, the
+    right-hand side ``(Qᵀ U)[p, q]`` over the blocks' entries ``(h, 2, 2)``, the 4 × 4 diagonal
+    blocks of the Hessian ``(h, 4, 4)`` and the damping ``λ``."""
+    h = q.shape[1] // 2
+    m = q.t() @ q
+    rhs = torch.einsum("obr,obc->brc", q.reshape(q.shape[0], h, 2), u.reshape(u.shape[0], h, 2))
+    mb = m.reshape(h, 2, h, 2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    cb = c.reshape(h, 2, h, 2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    diag_blocks = (mb[:, :, None, :, None] * cb[:, None, :, None, :]).reshape(h, 4, 4)
+    lam = DAMPING * float(diag_blocks.diagonal(dim1=1, dim2=2).mean()) + 1e-300
+    return m, rhs, diag_blocks, lam
+
+
+def _solve_layer(
+    q: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor, iters: int = CG_ITERS
+) -> torch.Tensor:
+    """The damped least-squares blocks of one layer (see the module docstring), approximately:
+    ``iters`` conjugate-gradient steps from the current blocks, preconditioned by the Hessian's
+    4 × 4 diagonal blocks (one per 2 × 2 block). Each step lowers the damped quadratic, so the
+    result never raises the loss; with ``iters ≥ 2n`` it is the exact solve
+    (:func:`_solve_layer_exact`) up to rounding."""
     h = b_old.shape[0]
-    m4 = (q.t() @ q).reshape(h, 2, h, 2)
+    m, rhs, diag_blocks, lam = _layer_system(q, c, u)
+    eye = torch.eye(4, dtype=m.dtype, device=m.device)
+    # any SPD preconditioner keeps CG correct; the floor keeps all-zero blocks (padding) invertible
+    floor = 1e-6 * diag_blocks.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None] + lam
+    precond = torch.linalg.inv(diag_blocks + floor * eye)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return hessian_product(m, c, v) + lam * v
+
+    def precondition(r: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(precond, r.reshape(h, 4, 1)).reshape(h, 2, 2)
+
+    x = b_old.clone()
+    r = rhs - hessian_product(m, c, x)  # the damping term vanishes at x = b_old
+    z = precondition(r)
+    p = z.clone()
+    rz = float(torch.sum(r * z))
+    rz0 = rz
+    for _ in range(iters):
+        if not rz > CG_TOLERANCE * rz0:  # converged (or nothing to do: rz0 = 0)
+            break
+        ap = apply(p)
+        pap = float(torch.sum(p * ap))
+        if not pap > 0:  # rounding: no direction of descent left
+            break
+        step = rz / pap
+        x.add_(p, alpha=step)
+        r.sub_(ap, alpha=step)
+        z = precondition(r)
+        rz_next = float(torch.sum(r * z))
+        p = z.add_(p, alpha=rz_next / rz)
+        rz = rz_next
+    return x
+
+
+def _solve_layer_exact(
+    q: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor, iters: int = CG_ITERS
+) -> torch.Tensor:
+    """The reference for :func:`_solve_layer`: the same damped system solved exactly, by a
+    Cholesky factorisation of the dense ``2n × 2n`` Hessian (``iters`` is ignored)."""
+    h = b_old.shape[0]
+    m, rhs, _, lam = _layer_system(q, c, u)
+    m4 = m.reshape(h, 2, h, 2)
     c4 = c.reshape(h, 2, h, 2)
     # H[(b, r, c), (b', r', c')] = M[2b+r, 2b'+r'] · C[2b+c, 2b'+c']
     hess = (m4[:, :, None, :, :, None] * c4[:, None, :, :, None, :]).reshape(4 * h, 4 * h)
-    rhs = torch.einsum("obr,obc->brc", q.reshape(q.shape[0], h, 2), u.reshape(u.shape[0], h, 2)).reshape(4 * h)
     diag = hess.diagonal()
-    lam = DAMPING * float(diag.mean()) + 1e-300
     theta_old = b_old.reshape(4 * h)
+    rhs = rhs.reshape(4 * h)
     for _ in range(8):
         diag.add_(lam)
         factor, info = torch.linalg.cholesky_ex(hess)
@@ -141,13 +214,15 @@ def als_sweeps(
     *,
     on_sweep: Callable[[SweepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    exact: bool = False,
 ) -> list[float]:
     """Run ``sweeps`` least-squares sweeps on ``blocks`` (float64, ``(depth, n/2, 2, 2)``, updated
     in place) for the dense target ``a`` (``(out, in)``). Returns the exact loss
     ``||G~ − A||²_F / out`` before the first sweep and after each completed one (each also goes to
     ``on_sweep`` as a :class:`SweepInfo`); it never rises.
     Stops early when a sweep lowers the loss by less than :data:`TOLERANCE` of it or
-    ``should_stop()`` is true. On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the
+    ``should_stop()`` is true. ``exact=True`` solves each layer by Cholesky
+    (:func:`_solve_layer_exact`) instead of :data:`CG_ITERS` conjugate-gradient steps. On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the
     loss) and the interrupt propagates."""
     if blocks.dtype != torch.float64 or a.dtype != torch.float64:
         raise TypeError("als_sweeps works in float64")
@@ -155,6 +230,7 @@ def als_sweeps(
     out, k = a.shape
     a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
     a_pad[:, :k] = a
+    solve = _solve_layer_exact if exact else _solve_layer
     t0 = time.perf_counter()
 
     def emit(i: int, mse: float) -> None:
@@ -175,7 +251,7 @@ def als_sweeps(
             losses.append(float(torch.sum((g0 - a) ** 2)) / out)
             emit(0, losses[0])
         for j in range(depth):
-            b = _solve_layer(qs[j], c, u, blocks[j])
+            b = solve(qs[j], c, u, blocks[j])
             blocks[j] = b
             qs[j] = None  # type: ignore[call-overload]  # free as we go
             z = _mix_rows(z, b)
