@@ -8,6 +8,12 @@ interleaved, on the operator a short fit of the target left, and the seconds per
 the same fit (batch ``--batch``). It prints min and median of each and the implied constant:
 
     python benchmarks/bench_sweep.py [--size 1024 --depth 40 --batch 1024 --repeats 3] [--json out.json]
+
+``--sweeps N`` runs N sweeps per repeat instead of one and reports the error after each, to
+compare what the two solvers reach (``--targets`` takes several, comma-separated):
+
+    python benchmarks/bench_sweep.py --size 256 --depth 32 --batch 256 --steps 1000 --sweeps 15 \
+        --repeats 1 --targets sparse3,band3,lowrank3,perm
 """
 
 from __future__ import annotations
@@ -33,14 +39,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=40)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=300, help="Adam steps timed (and the start of the sweeps)")
-    ap.add_argument("--target", default="sparse3", choices=sorted(TARGETS))
+    ap.add_argument("--targets", default="sparse3", help="comma-separated: " + ",".join(TARGETS))
+    ap.add_argument("--sweeps", type=int, default=1, help="sweeps per repeat")
     ap.add_argument("--repeats", type=int, default=3, help="sweeps of each solver, interleaved")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    kind, k = TARGETS[a.target]
+    out = {"settings": vars(a), "cg_iters": als.CG_ITERS, "sweep_cost_in_use": als.SWEEP_COST}
+    out["machine"] = platform.processor() or platform.machine()
+    out["threads"] = torch.get_num_threads()
+    out["targets"] = [_one(a, name) for name in a.targets.split(",")]
+    if a.json:
+        save_text(a.json, json.dumps(out, indent=1) + "\n")
+
+
+def _one(a: argparse.Namespace, name: str) -> dict:
+    kind, k = TARGETS[name]
     target = sparsefit.synth(kind, size=a.size, k=k, seed=0)
     cfg = sparsefit.FitConfig(depth=a.depth, steps=a.steps, batch=a.batch, seed=0, sweeps=0)
     sparsefit.fit(target, cfg.replace(steps=20))  # compile and warm the kernels
@@ -55,43 +71,33 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {"cg": [], "cholesky": []}
     losses: dict[str, list[float]] = {}
     for _ in range(a.repeats):
-        for name in times:
+        for solver in times:
             blocks = start.clone()
             t = time.perf_counter()
-            losses[name] = als.als_sweeps(blocks, op.perms, a64, 1, exact=name == "cholesky")
-            times[name].append(time.perf_counter() - t)
-    rows = []
-    print(
-        f"width {width}, depth {a.depth}, {a.target} {a.size}x{a.size}; Adam step (batch {a.batch}): {1e3 * step_s:.1f} ms"
-    )
-    print(f"{'solver':<10} {'min s':>8} {'median s':>9} {'error after':>12} {'SWEEP_COST':>11}")
+            losses[solver] = als.als_sweeps(blocks, op.perms, a64, a.sweeps, exact=solver == "cholesky")
+            times[solver].append((time.perf_counter() - t) / (len(losses[solver]) - 1))
     norm = float(torch.sum(a64**2)) / a64.shape[0]
-    for name, ts in times.items():
+    print(
+        f"{name} {a.size}x{a.size}, width {width}, depth {a.depth}, after {a.steps} Adam steps "
+        f"(batch {a.batch}: {1e3 * step_s:.1f} ms each)"
+    )
+    print(f"{'solver':<10} {'min s/sweep':>12} {'median':>8} {'sweeps':>7} {'error after':>12} {'SWEEP_COST':>11}")
+    rows = []
+    for solver, ts in times.items():
         cost = min(ts) / step_s * a.batch / width**2
-        err = (losses[name][-1] / norm) ** 0.5
+        errors = [(loss / norm) ** 0.5 for loss in losses[solver]]
         rows.append(
             {
-                "solver": name,
-                "min_s": min(ts),
-                "median_s": statistics.median(ts),
-                "relative_error_before": (losses[name][0] / norm) ** 0.5,
-                "relative_error_after": err,
+                "solver": solver,
+                "min_s_per_sweep": min(ts),
+                "median_s_per_sweep": statistics.median(ts),
+                "relative_errors": errors,
                 "implied_sweep_cost": cost,
             }
         )
-        print(f"{name:<10} {min(ts):>8.2f} {statistics.median(ts):>9.2f} {err:>12.5f} {cost:>11.3f}")
-    if a.json:
-        out = {
-            "settings": vars(a),
-            "width": width,
-            "step_seconds": step_s,
-            "cg_iters": als.CG_ITERS,
-            "sweep_cost_in_use": als.SWEEP_COST,
-            "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "rows": rows,
-        }
-        save_text(a.json, json.dumps(out, indent=1) + "\n")
+        n = len(errors) - 1
+        print(f"{solver:<10} {min(ts):>12.2f} {statistics.median(ts):>8.2f} {n:>7} {errors[-1]:>12.6g} {cost:>11.3f}")
+    return {"target": name, "width": width, "step_seconds": step_s, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ class FitConfig(VersionedConfig):
     ``exact``, see :data:`LOSSES`) the training loss; ``steps=0`` keeps a closed-form init as it is.
     ``polish``: L-BFGS iterations on the exact loss after the Adam steps (0: none).
     ``sweeps``: least-squares sweeps on the exact loss after that (each layer's blocks solved in
-    closed form in turn, see :mod:`sparsefit.als`; 0: none); they stop early once a sweep gains
+    turn, see :mod:`sparsefit.als`; 0: none); they stop early once a sweep gains
     less than 0.01 %. A number needs a width of at most :data:`sparsefit.als.ALS_MAX_WIDTH` and no
     custom probes; ``None`` (the default) means :meth:`resolved_sweeps`: as many as cost no more
     than the Adam steps, up to 15, and none with custom probes or above that width.
