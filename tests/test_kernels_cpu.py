@@ -195,7 +195,9 @@ def test_fit_uses_numba_and_matches_torch_backend():
     import sparsefit
 
     A = sparsefit.synth("perm", size=24, seed=1)
-    cfg = dict(depth=6, steps=60, batch=33, seed=2, dtype="float64")
+    # the step backends are what differs; the sweeps after them are one shared code path (sweeps=0:
+    # they would amplify the steps' rounding differences through a nearly singular polish)
+    cfg = dict(depth=6, steps=60, batch=33, seed=2, dtype="float64", sweeps=0)
     r_numba = sparsefit.fit(A, sparsefit.FitConfig(backend="numba", **cfg))
     r_torch = sparsefit.fit(A, sparsefit.FitConfig(backend="torch", **cfg))
     # same probes, same gradients up to rounding: the two fits stay together

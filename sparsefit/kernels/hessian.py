@@ -14,18 +14,17 @@ the product in registers, so one call streams ``M`` and ``C`` through memory onc
 nothing but ``y``. Each block of ``y`` is summed by one thread in a fixed order, so the result
 does not depend on the thread count.
 
-Importing this module never fails; without numba, on other devices or dtypes,
+Importing this module never imports numba (it is imported and the kernel compiled, or loaded
+from the disk cache, on first use); without numba, on other devices or dtypes,
 :func:`hessian_product` is the reference.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+import importlib.util
 
-try:  # numba is a declared dependency, but the torch path must keep working without it.
-    import numba
-except ImportError:  # pragma: no cover - exercised only on installs without numba
-    numba = None
+import torch
 
 
 def hessian_product_reference(m: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +37,12 @@ def hessian_product_reference(m: torch.Tensor, c: torch.Tensor, x: torch.Tensor)
     return torch.bmm(mx.view(h, 2, n), c.reshape(h, 2, n).transpose(1, 2))
 
 
-if numba is not None:
+@functools.cache
+def _kernel():  # numba is imported on first use, not with the package
+    import numba
 
     @numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
-    def _product_kernel(m, c, x, y):  # pragma: no cover - compiled; checked against the reference
+    def product(m, c, x, y):  # pragma: no cover - compiled; checked against the reference
         h = x.shape[0]
         for b in numba.prange(h):
             i = 2 * b
@@ -69,12 +70,17 @@ if numba is not None:
             y[b, 1, 0] = y10
             y[b, 1, 1] = y11
 
+    return product
+
+
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
 
 def hessian_product(m: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The fused kernel on float64 CPU tensors when numba is installed, else the reference."""
-    if numba is None or m.device.type != "cpu" or not (m.dtype == c.dtype == x.dtype == torch.float64):
+    if not _HAVE_NUMBA or m.device.type != "cpu" or not (m.dtype == c.dtype == x.dtype == torch.float64):
         return hessian_product_reference(m, c, x)
     m, c, x = m.contiguous(), c.contiguous(), x.contiguous()
     y = torch.empty_like(x)
-    _product_kernel(m.numpy(), c.numpy(), x.numpy(), y.numpy())
+    _kernel()(m.numpy(), c.numpy(), x.numpy(), y.numpy())
     return y
