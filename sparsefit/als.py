@@ -36,8 +36,9 @@ from .kernels.hessian import hessian_product
 
 __all__ = ["ALS_MAX_WIDTH", "AUTO_SWEEPS", "SweepInfo", "affordable_sweeps", "als_sweeps", "check_als_width"]
 
-#: The widest operator a sweep is allowed on: each layer solves a ``2·width``-square system
-#: (width 4096: 8192², 0.5 GB, about 2.5 s per Cholesky factorisation on two cores).
+#: The widest operator a sweep is allowed on: a sweep keeps every layer's ``Q_j`` (``out × width``
+#: float64; width 4096, depth 44: 2.9 GB) and forms ``Q_jᵀQ_j`` per layer (``∝ width³``, 8× the
+#: cost at width 2048); the exact solve factorises a ``2·width``-square matrix (8192²: 0.5 GB).
 ALS_MAX_WIDTH = 4096
 #: Levenberg–Marquardt damping, relative to the mean diagonal of each layer's Hessian.
 DAMPING = 1e-9
