@@ -25,12 +25,12 @@ import statistics
 import time
 
 import torch
+from bench_quality import TARGETS  # benchmarks/ is on the path when run as a script
 
 import sparsefit
 from sparsefit import als
 from sparsefit.fileformat import save_text
-
-TARGETS = {"perm": ("perm", 1), "sparse3": ("sparse", 3), "band3": ("band", 3), "lowrank3": ("lowrank", 3)}
+from sparsefit.kernels.hessian import hessian_product, hessian_product_reference
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,14 +45,39 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    unknown = sorted(set(a.targets.split(",")) - set(TARGETS))
+    if unknown:
+        ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     out = {"settings": vars(a), "cg_iters": als.CG_ITERS, "sweep_cost_in_use": als.SWEEP_COST}
     out["machine"] = platform.processor() or platform.machine()
     out["threads"] = torch.get_num_threads()
     out["targets"] = [_one(a, name) for name in a.targets.split(",")]
+    out["hessian_product"] = _time_product(2 * a.size)
     if a.json:
         save_text(a.json, json.dumps(out, indent=1) + "\n")
+
+
+def _time_product(width: int, repeats: int = 15) -> dict:
+    """The layer solve's Hessian product at this width: fused kernel against its reference."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(width // 2, width, dtype=torch.float64, generator=g)
+    m = q.t() @ q
+    x = torch.randn(width // 2, 2, 2, dtype=torch.float64, generator=g)
+    row: dict = {"width": width}
+    for name, f in (("fused", hessian_product), ("reference", hessian_product_reference)):
+        f(m, m, x)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(m, m, x)
+            ts.append(time.perf_counter() - t)
+        row[name] = {"min_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts)}
+        print(
+            f"Hessian product, width {width}, {name}: {row[name]['min_ms']:.2f} ms min, {row[name]['median_ms']:.2f} median"
+        )
+    return row
 
 
 def _one(a: argparse.Namespace, name: str) -> dict:

@@ -9,9 +9,9 @@ is ``H[(p,q),(p',q')] = (Q_jᵀQ_j)[p,p'] · (Z_jZ_jᵀ)[q,q']`` and its right-h
 ``(Q_jᵀ A Z_jᵀ)[p,q]``. A sweep solves these ``2n × 2n`` systems for ``j = 0, …, N−1`` in turn,
 each by :data:`CG_ITERS` conjugate-gradient steps from the current blocks, preconditioned by the
 Hessian's 4 × 4 diagonal blocks, with the Hessian never formed (its product is ``O(n²)``,
-:mod:`sparsefit.kernels.hessian`); ``exact=True`` factorises it instead (Cholesky, ``O(n³)``, 3×
-slower at width 2048 for the same loss within a few parts in 10⁴, ``docs/quality.md`` §12). It keeps ``Z_jZ_jᵀ`` and ``A Z_jᵀ`` up to date in ``O(n²)`` per
-layer; ``Q_j`` is built once per sweep, top down. Each solve is damped towards the current blocks
+:mod:`sparsefit.kernels.hessian`); ``exact=True`` factorises it instead (Cholesky, ``O(n³)``: a
+sweep 2.8× slower at width 2048, up to 6 % more progress per sweep, ``docs/quality.md`` §12).
+``Z_jZ_jᵀ`` and ``A Z_jᵀ`` are kept up to date in ``O(n²)`` per layer; ``Q_j`` is built once per sweep, top down. Each solve is damped towards the current blocks
 (Levenberg–Marquardt, ``λ·||B_j − B_j^old||²`` with ``λ`` a tiny fraction of the Hessian's mean
 diagonal), so no layer raises the loss and the gauge freedom between layers cannot make a step
 blow up.

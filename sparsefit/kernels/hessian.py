@@ -22,7 +22,6 @@ from the disk cache, on first use); without numba, on other devices or dtypes,
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
@@ -73,12 +72,11 @@ def _kernel():  # numba is imported on first use, not with the package
     return product
 
 
-_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
-
-
 def hessian_product(m: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The fused kernel on float64 CPU tensors when numba is installed, else the reference."""
-    if not _HAVE_NUMBA or m.device.type != "cpu" or not (m.dtype == c.dtype == x.dtype == torch.float64):
+    from . import fused_cpu_available
+
+    if not fused_cpu_available() or m.device.type != "cpu" or not (m.dtype == c.dtype == x.dtype == torch.float64):
         return hessian_product_reference(m, c, x)
     m, c, x = m.contiguous(), c.contiguous(), x.contiguous()
     y = torch.empty_like(x)
