@@ -30,7 +30,7 @@ from bench_quality import TARGETS  # benchmarks/ is on the path when run as a sc
 import sparsefit
 from sparsefit import als
 from sparsefit.fileformat import save_text
-from sparsefit.kernels.hessian import hessian_product, hessian_product_reference
+from sparsefit.kernels import sweep
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,30 +54,44 @@ def main(argv: list[str] | None = None) -> None:
     out["machine"] = platform.processor() or platform.machine()
     out["threads"] = torch.get_num_threads()
     out["targets"] = [_one(a, name) for name in a.targets.split(",")]
-    out["hessian_product"] = _time_product(2 * a.size)
+    out["kernels"] = _time_kernels(2 * a.size)
     if a.json:
         save_text(a.json, json.dumps(out, indent=1) + "\n")
 
 
-def _time_product(width: int, repeats: int = 15) -> dict:
-    """The layer solve's Hessian product at this width: fused kernel against its reference."""
+def _time_kernels(width: int, repeats: int = 15) -> dict:
+    """A layer's kernels at this width, fused against their references: the Hessian product (ten
+    per layer solve), the two-sided congruence (``ZZᵀ`` and ``QᵀQ`` carried one layer on) and the
+    one-sided mix (``Q``, ``AZᵀ`` and ``Z``); beside them the ``QᵀQ`` product they replace."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(width // 2, width, dtype=torch.float64, generator=g)
     m = q.t() @ q
     x = torch.randn(width // 2, 2, 2, dtype=torch.float64, generator=g)
-    row: dict = {"width": width}
-    for name, f in (("fused", hessian_product), ("reference", hessian_product_reference)):
-        f(m, m, x)
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f(m, m, x)
-            ts.append(time.perf_counter() - t)
-        row[name] = {"min_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts)}
-        print(
-            f"Hessian product, width {width}, {name}: {row[name]['min_ms']:.2f} ms min, {row[name]['median_ms']:.2f} median"
-        )
-    return row
+    perm = torch.randperm(width, generator=g)
+    cases = {
+        "hessian_product": ((sweep.hessian_product, sweep.hessian_product_reference), (m, m, x)),
+        "congruence": ((sweep.congruence, sweep.congruence_reference), (m, x, perm)),
+        "mix_gather": ((sweep.mix_gather, sweep.mix_gather_reference), (q, x, perm)),
+        "gram_qtq": ((lambda q: q.t() @ q, None), (q,)),
+    }
+    out: dict = {"width": width}
+    for case, (fns, args) in cases.items():
+        row: dict = {}
+        for name, f in zip(("fused", "reference"), fns, strict=True):
+            if f is None:
+                continue
+            f(*args)
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                f(*args)
+                ts.append(time.perf_counter() - t)
+            row[name] = {"min_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts)}
+            print(
+                f"{case}, width {width}, {name}: {row[name]['min_ms']:.2f} ms min, {row[name]['median_ms']:.2f} median"
+            )
+        out[case] = row
+    return out
 
 
 def _one(a: argparse.Namespace, name: str) -> dict:
@@ -92,7 +106,7 @@ def _one(a: argparse.Namespace, name: str) -> dict:
     width = op.width
     start = op.blocks.detach().to(torch.float64)
     a64 = torch.as_tensor(target, dtype=torch.float64)
-    als.als_sweeps(start.clone(), op.perms, a64, 1)  # compile the Hessian kernel
+    als.als_sweeps(start.clone(), op.perms, a64, 1)  # compile the sweep kernels
     times: dict[str, list[float]] = {"cg": [], "cholesky": []}
     losses: dict[str, list[float]] = {}
     for _ in range(a.repeats):

@@ -9,9 +9,13 @@ is ``H[(p,q),(p',q')] = (Q_jᵀQ_j)[p,p'] · (Z_jZ_jᵀ)[q,q']`` and its right-h
 ``(Q_jᵀ A Z_jᵀ)[p,q]``. A sweep solves these ``2n × 2n`` systems for ``j = 0, …, N−1`` in turn,
 each by :data:`CG_ITERS` conjugate-gradient steps from the current blocks, preconditioned by the
 Hessian's 4 × 4 diagonal blocks, with the Hessian never formed (its product is ``O(n²)``,
-:mod:`sparsefit.kernels.hessian`); ``exact=True`` factorises it instead (Cholesky, ``O(n³)``: a
+:mod:`sparsefit.kernels.sweep`); ``exact=True`` factorises it instead (Cholesky, ``O(n³)``: a
 sweep 2.8× slower at width 2048, up to 6 % more progress per sweep, ``docs/quality.md`` §12).
-``Z_jZ_jᵀ`` and ``A Z_jᵀ`` are kept up to date in ``O(n²)`` per layer; ``Q_j`` is built once per sweep, top down. Each solve is damped towards the current blocks
+The factors never need a product of two dense matrices: going up, ``Z_jZ_jᵀ`` and ``A Z_jᵀ`` are
+carried from layer to layer in ``O(n²)``; ``Q_j`` and ``M_j = Q_jᵀQ_j`` are carried down from
+the top the same way, kept only at checkpoints every ``√N`` layers and carried down again between
+them when the sweep reaches them (:func:`_layers_above`; fused kernels in
+:mod:`sparsefit.kernels.sweep`). Each solve is damped towards the current blocks
 (Levenberg–Marquardt, ``λ·||B_j − B_j^old||²`` with ``λ`` a tiny fraction of the Hessian's mean
 diagonal), so no layer raises the loss and the gauge freedom between layers cannot make a step
 blow up.
@@ -26,19 +30,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .errors import SparsefitError
-from .kernels.hessian import hessian_product
+from .kernels.sweep import congruence, hessian_product, mix_gather
 
 __all__ = ["ALS_MAX_WIDTH", "AUTO_SWEEPS", "SweepInfo", "affordable_sweeps", "als_sweeps", "check_als_width"]
 
-#: The widest operator a sweep is allowed on: a sweep keeps every layer's ``Q_j`` (``out × width``
-#: float64; width 4096, depth 44: 2.9 GB) and forms ``Q_jᵀQ_j`` per layer (``∝ width³``, 8× the
-#: cost at width 2048); the exact solve factorises a ``2·width``-square matrix (8192²: 0.5 GB).
+#: The widest operator a sweep is allowed on: a sweep keeps ``Q_j`` (``out × width``) and
+#: ``Q_jᵀQ_j`` (``width²``) in float64 for about ``2·√depth`` layers (width 4096, depth 44: 2.8 GB),
+#: and the exact solve factorises a ``2·width``-square matrix (8192²: 0.5 GB).
 ALS_MAX_WIDTH = 4096
 #: Levenberg–Marquardt damping, relative to the mean diagonal of each layer's Hessian.
 DAMPING = 1e-9
@@ -46,13 +50,12 @@ DAMPING = 1e-9
 TOLERANCE = 1e-4
 #: The most sweeps the default (``FitConfig.sweeps = None``) runs.
 AUTO_SWEEPS = 15
-#: What one sweep costs in Adam steps with one probe, per width²: a sweep is ``depth`` layer
-#: solves (a ``QᵀQ`` product, ``∝ width³``, and ``O(width²)`` work), an Adam step ``∝ width·batch``.
-#: ``benchmarks/bench_sweep.py`` measures it: at width 2048, depth 40, 0.3 with the Cholesky solve
-#: on a 2-core Zen 4 EPYC (a sweep 30 s, a batch-1024 step 25 ms); with the conjugate-gradient
-#: solve a sweep is 3× cheaper (0.042 against 0.125 on a 2-core Xeon whose steps are slower), so
-#: about 0.1 on the EPYC.
-SWEEP_COST = 0.1
+#: What one sweep costs in Adam steps with one probe, per unit of width: a sweep is ``depth`` layer
+#: solves of ``O(width²)`` work each (no dense products), an Adam step ``depth·width·batch``.
+#: ``benchmarks/bench_sweep.py`` measures it: 73 at width 2048, depth 40 on a 2-core Xeon (a sweep
+#: 5.7 s, a batch-1024 step 39 ms; ``docs/quality.md`` §13); machines whose steps are faster
+#: relative to their memory bandwidth give more, hence the round 100.
+SWEEP_COST = 100
 #: Conjugate-gradient steps per layer solve, and the drop in the preconditioned residual
 #: (``rᵀP⁻¹r``, relative to the start) that ends them sooner.
 CG_ITERS = 10
@@ -84,62 +87,67 @@ def affordable_sweeps(width: int, steps: int, batch: int) -> int:
     ``batch`` probes before them (by :data:`SWEEP_COST`, the same on every machine, so the same
     command gives the same bytes), at most :data:`AUTO_SWEEPS`; none above :data:`ALS_MAX_WIDTH`.
     At the note's protocol for a 1024 × 1024 target (width 2048, 12000 steps, batch 1024) that is
-    9, at width 2048 with 3000 steps of batch 256 none."""
+    15, at width 2048 with 3000 steps of batch 256 three."""
     if width > ALS_MAX_WIDTH or steps < 1:
         return 0
-    return min(AUTO_SWEEPS, int(steps * batch / (SWEEP_COST * width * width)))
+    return min(AUTO_SWEEPS, int(steps * batch / (SWEEP_COST * width)))
 
 
-def _mix_rows(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``blockdiag(b) @ z`` for ``z: (n, cols)``."""
-    h = b.shape[0]
-    return torch.einsum("hrc,hcx->hrx", b, z.reshape(h, 2, -1)).reshape(2 * h, -1)
+def _above_step(
+    q: torch.Tensor, m: torch.Tensor, b: torch.Tensor, inv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q_{j−1}, M_{j−1})`` from ``(Q_j, M_j)`` and layer ``j`` (blocks ``b``, inverse permutation
+    ``inv``): ``Q_{j−1} = Q_j·B_j·P_j`` (column ``perm[i]`` of it is column ``i`` of ``Q_j·B_j``) and
+    ``M_{j−1} = Q_{j−1}ᵀQ_{j−1} = P_jᵀ·B_jᵀ·M_j·B_j·P_j``, both in ``O(n²)``."""
+    bt = b.transpose(1, 2)
+    return mix_gather(q, bt, inv), congruence(m, bt, inv)
 
 
-def _mix_cols(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``q @ blockdiag(b)`` for ``q: (rows, n)``."""
-    h = b.shape[0]
-    return torch.einsum("xhr,hrc->xhc", q.reshape(q.shape[0], h, 2), b).reshape(q.shape[0], 2 * h)
-
-
-def _mix_cols_t(u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``u @ blockdiag(b)ᵀ`` for ``u: (rows, n)``."""
-    h = b.shape[0]
-    return torch.einsum("xhc,hrc->xhr", u.reshape(u.shape[0], h, 2), b).reshape(u.shape[0], 2 * h)
-
-
-def _above(blocks: torch.Tensor, perms: torch.Tensor, out: int) -> list[torch.Tensor]:
-    """``Q_j`` for every layer: ``Q_{N−1} = S``, ``Q_j = Q_{j+1} B_{j+1} P_{j+1}``."""
+def _layers_above(
+    blocks: torch.Tensor, perms: torch.Tensor, out: int, segment: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(Q_j, M_j)`` for ``j = 0, 1, …, N−1`` in turn, each from the blocks of the layers above
+    ``j`` as they are when it is yielded (a sweep updates the layers below). ``Q_j`` is carried down
+    from ``Q_{N−1} = S`` once; only the top layer of each segment ``[lo, lo + segment)`` is kept
+    (a checkpoint), and a segment's other layers are carried down from it again when the sweep
+    reaches it: ``N / segment + segment`` pairs in memory instead of ``N``, at twice the work."""
     depth, n = perms.shape
     q = torch.zeros(out, n, dtype=blocks.dtype, device=blocks.device)
     q[:, :out] = torch.eye(out, dtype=blocks.dtype, device=blocks.device)
-    qs = [q]
-    for j in range(depth - 2, -1, -1):
-        qb = _mix_cols(qs[-1], blocks[j + 1])
-        q = torch.empty_like(qb)
-        q[:, perms[j + 1]] = qb  # (Q P)[:, perm[i]] = Q[:, i], P gathering z[perm[i]] into row i
-        qs.append(q)
-    return qs[::-1]
+    m = torch.diag((torch.arange(n, device=blocks.device) < out).to(blocks.dtype))
+    tops = [min(lo + segment, depth) - 1 for lo in range(0, depth, segment)]
+    checkpoints = {}
+    for j in range(depth - 1, tops[0] - 1, -1):
+        if j in tops:
+            checkpoints[j] = (q, m)
+        if j > tops[0]:
+            q, m = _above_step(q, m, blocks[j], torch.argsort(perms[j]))
+    del q, m
+    for lo, top in zip(range(0, depth, segment), tops, strict=True):
+        above = [checkpoints.pop(top)]
+        for j in range(top, lo, -1):
+            above.append(_above_step(*above[-1], blocks[j], torch.argsort(perms[j])))
+        while above:
+            yield above.pop()
 
 
 def _layer_system(
-    q: torch.Tensor, c: torch.Tensor, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's normal equations in the factored form both solvers use: ``M = QᵀQ``, the
-    right-hand side ``(Qᵀ U)[p, q]`` over the blocks' entries ``(h, 2, 2)``, the 4 × 4 diagonal
+    q: torch.Tensor, m: torch.Tensor, c: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One layer's normal equations in the factored form both solvers use (``M = QᵀQ``, ``C``):
+    the right-hand side ``(Qᵀ U)[p, q]`` over the blocks' entries ``(h, 2, 2)``, the 4 × 4 diagonal
     blocks of the Hessian ``(h, 4, 4)`` and the damping ``λ``."""
     h = q.shape[1] // 2
-    m = q.t() @ q
     rhs = torch.einsum("obr,obc->brc", q.reshape(q.shape[0], h, 2), u.reshape(u.shape[0], h, 2))
     mb = m.reshape(h, 2, h, 2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     cb = c.reshape(h, 2, h, 2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     diag_blocks = (mb[:, :, None, :, None] * cb[:, None, :, None, :]).reshape(h, 4, 4)
     lam = DAMPING * float(diag_blocks.diagonal(dim1=1, dim2=2).mean()) + 1e-300
-    return m, rhs, diag_blocks, lam
+    return rhs, diag_blocks, lam
 
 
 def _solve_layer(
-    q: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor, iters: int = CG_ITERS
+    q: torch.Tensor, m: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor, iters: int = CG_ITERS
 ) -> torch.Tensor:
     """The damped least-squares blocks of one layer (see the module docstring), approximately:
     ``iters`` conjugate-gradient steps from the current blocks, preconditioned by the Hessian's
@@ -147,7 +155,7 @@ def _solve_layer(
     result never raises the loss; with ``iters ≥ 2n`` it is the exact solve
     (:func:`_solve_layer_exact`) up to rounding."""
     h = b_old.shape[0]
-    m, rhs, diag_blocks, lam = _layer_system(q, c, u)
+    rhs, diag_blocks, lam = _layer_system(q, m, c, u)
     eye = torch.eye(4, dtype=m.dtype, device=m.device)
     # any SPD preconditioner keeps CG correct; the floor keeps all-zero blocks (padding) invertible
     floor = 1e-6 * diag_blocks.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None] + lam
@@ -183,12 +191,12 @@ def _solve_layer(
 
 
 def _solve_layer_exact(
-    q: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor, iters: int = CG_ITERS
+    q: torch.Tensor, m: torch.Tensor, c: torch.Tensor, u: torch.Tensor, b_old: torch.Tensor, iters: int = CG_ITERS
 ) -> torch.Tensor:
     """The reference for :func:`_solve_layer`: the same damped system solved exactly, by a
     Cholesky factorisation of the dense ``2n × 2n`` Hessian (``iters`` is ignored)."""
     h = b_old.shape[0]
-    m, rhs, _, lam = _layer_system(q, c, u)
+    rhs, _, lam = _layer_system(q, m, c, u)
     m4 = m.reshape(h, 2, h, 2)
     c4 = c.reshape(h, 2, h, 2)
     # H[(b, r, c), (b', r', c')] = M[2b+r, 2b'+r'] · C[2b+c, 2b'+c']
@@ -229,8 +237,8 @@ def als_sweeps(
         raise TypeError("als_sweeps works in float64")
     depth, n = perms.shape
     out, k = a.shape
-    a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
-    a_pad[:, :k] = a
+    segment = max(1, math.isqrt(depth))
+    identity = torch.arange(n, device=a.device)
     solve = _solve_layer_exact if exact else _solve_layer
     t0 = time.perf_counter()
 
@@ -238,30 +246,35 @@ def als_sweeps(
         if on_sweep is not None:
             on_sweep(SweepInfo(i, sweeps, mse, time.perf_counter() - t0))
 
-    losses: list[float] = []
-    for s in range(sweeps):
-        qs = _above(blocks, perms, out)
+    def start() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Z_0ᵀ = (P_0 E)ᵀ`` (``in × n``), ``C_0 = Z_0 Z_0ᵀ`` and ``U_0 = A Z_0ᵀ`` (``out × n``)."""
         p0 = perms[0]
-        z = torch.zeros(n, k, dtype=a.dtype, device=a.device)
-        z[:k] = torch.eye(k, dtype=a.dtype, device=a.device)
-        z = z[p0]
-        c = z @ z.t()
-        u = a_pad[:, p0]
-        if not losses:
-            g0 = qs[0] @ _mix_rows(z, blocks[0])
-            losses.append(float(torch.sum((g0 - a) ** 2)) / out)
-            emit(0, losses[0])
-        for j in range(depth):
-            b = solve(qs[j], c, u, blocks[j])
+        zt = torch.eye(n, dtype=a.dtype, device=a.device)[:k][:, p0]
+        c = torch.diag((p0 < k).to(a.dtype))
+        a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
+        a_pad[:, :k] = a
+        return zt, c, a_pad[:, p0]
+
+    def loss(zt_top: torch.Tensor) -> float:
+        return float(torch.sum((zt_top[:, :out].t() - a) ** 2)) / out
+
+    zt, _, _ = start()
+    for j in range(depth):
+        zt = mix_gather(zt, blocks[j], perms[j + 1] if j + 1 < depth else identity)
+    losses = [loss(zt)]
+    emit(0, losses[0])
+    for s in range(sweeps):
+        zt, c, u = start()
+        for j, (q, m) in enumerate(_layers_above(blocks, perms, out, segment)):
+            b = solve(q, m, c, u, blocks[j])
             blocks[j] = b
-            qs[j] = None  # type: ignore[call-overload]  # free as we go
-            z = _mix_rows(z, b)
-            c = _mix_cols_t(_mix_rows(c, b), b)
-            u = _mix_cols_t(u, b)
+            del q, m
+            nxt = perms[j + 1] if j + 1 < depth else identity
+            zt = mix_gather(zt, b, nxt)
             if j + 1 < depth:
-                p = perms[j + 1]
-                z, c, u = z[p], c[p][:, p], u[:, p]
-        mse = float(torch.sum((z[:out] - a) ** 2)) / out
+                c = congruence(c, b, nxt)
+                u = mix_gather(u, b, nxt)
+        mse = loss(zt)
         losses.append(mse)
         emit(s + 1, mse)
         if not math.isfinite(mse) or losses[-2] - mse <= TOLERANCE * losses[-2]:

@@ -10,7 +10,14 @@ from typer.testing import CliRunner
 
 import sparsefit
 from sparsefit import FitConfig, GTilde, SparsefitError, fit
-from sparsefit.als import AUTO_SWEEPS, _solve_layer, _solve_layer_exact, affordable_sweeps, als_sweeps
+from sparsefit.als import (
+    AUTO_SWEEPS,
+    _layers_above,
+    _solve_layer,
+    _solve_layer_exact,
+    affordable_sweeps,
+    als_sweeps,
+)
 from sparsefit.cli import app
 from sparsefit.config import CONFIG_VERSION
 from sparsefit.kernels.reference import gtilde_reference
@@ -57,7 +64,7 @@ def test_layer_solve_is_the_least_squares_blocks(out_f, in_f, width, solver):
     want = torch.linalg.lstsq(design, a.reshape(-1, 1)).solution.reshape(h, 2, 2)
     b_old = torch.randn(h, 2, 2, dtype=F64, generator=g)
     solve = _solve_layer_exact if solver == "cholesky" else _solve_layer
-    got = solve(q, z @ z.t(), a @ z.t(), b_old, 2 * width)
+    got = solve(q, q.t() @ q, z @ z.t(), a @ z.t(), b_old, 2 * width)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -82,15 +89,35 @@ def test_truncated_cg_lowers_the_loss_step_by_step_and_reaches_the_reference(out
     z[-3:] = 0  # padded rows: the Hessian has all-zero 4 x 4 blocks
     a = torch.randn(out_f, in_f, dtype=F64, generator=g)
     b_old = torch.randn(h, 2, 2, dtype=F64, generator=g)
-    c, u = z @ z.t(), a @ z.t()
-    losses = [_layer_loss(q, z, a, _solve_layer(q, c, u, b_old, it)) for it in (0, 1, 2, 4, 8, 16)]
+    m, c, u = q.t() @ q, z @ z.t(), a @ z.t()
+    losses = [_layer_loss(q, z, a, _solve_layer(q, m, c, u, b_old, it)) for it in (0, 1, 2, 4, 8, 16)]
     assert losses[0] == pytest.approx(_layer_loss(q, z, a, b_old), rel=1e-12)
     assert all(b <= a_ * (1 + 1e-12) for a_, b in zip(losses[:-1], losses[1:], strict=True))
     assert losses[-1] < 0.5 * losses[0]
-    best = _layer_loss(q, z, a, _solve_layer_exact(q, c, u, b_old))
-    full = _layer_loss(q, z, a, _solve_layer(q, c, u, b_old, 4 * width))
+    best = _layer_loss(q, z, a, _solve_layer_exact(q, m, c, u, b_old))
+    full = _layer_loss(q, z, a, _solve_layer(q, m, c, u, b_old, 4 * width))
     assert full == pytest.approx(best, rel=1e-8, abs=1e-10 * losses[0])
     assert best <= losses[-1] * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("segment", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("out_f,depth,width", [(5, 1, 6), (6, 2, 8), (9, 7, 10), (3, 10, 14)], ids=str)
+def test_layers_above_are_the_products_of_the_layers_above(out_f, depth, width, segment):
+    """The checkpointed carry against dense products: ``Q_j = S·L_{N−1}···L_{j+1}`` with
+    ``L_i = blockdiag(B_i)·P_i`` and ``M_j = Q_jᵀQ_j``, for every layer and segment length."""
+    op = _random_operator(width - 1, out_f, depth, width, seed=depth * 10 + width)
+    blocks, perms = op.blocks.detach(), op.perms
+    eye = torch.eye(width, dtype=F64)
+    q = eye[:out_f]
+    want = [None] * depth
+    for j in range(depth - 1, -1, -1):
+        want[j] = q
+        q = q @ torch.block_diag(*blocks[j].unbind(0)) @ eye[perms[j]]
+    got = list(_layers_above(blocks, perms, out_f, segment))
+    assert len(got) == depth
+    for (q, m), w in zip(got, want, strict=True):
+        assert torch.allclose(q, w, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(m, w.t() @ w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["cholesky", "cg"])
@@ -169,21 +196,23 @@ def test_sweeps_config_validation_and_version():
 
 def test_default_sweeps_cost_no_more_than_the_steps():
     assert affordable_sweeps(2048, 12000, 1024) == AUTO_SWEEPS == 15  # the note's protocol, 1024 x 1024
-    assert affordable_sweeps(2048, 3000, 256) == 1  # the README's first command
-    assert affordable_sweeps(2048, 1000, 256) == 0
-    assert affordable_sweeps(4096, 12000, 1024) == 7
+    assert affordable_sweeps(2048, 3000, 256) == 3  # the README's first command
+    assert affordable_sweeps(2048, 1000, 256) == 1
+    assert affordable_sweeps(2048, 500, 256) == 0
+    assert affordable_sweeps(4096, 12000, 1024) == AUTO_SWEEPS
+    assert affordable_sweeps(4096, 3000, 256) == 1
     assert affordable_sweeps(4098, 10**9, 1024) == 0  # above the solvable width
     assert affordable_sweeps(64, 12000, 1024) == AUTO_SWEEPS
     assert affordable_sweeps(64, 0, 1024) == 0
-    cfg = FitConfig(steps=40, batch=32)
-    assert cfg.resolved_sweeps(64) == affordable_sweeps(64, 40, 32) == 3
+    cfg = FitConfig(steps=400, batch=32)
+    assert cfg.resolved_sweeps(64) == affordable_sweeps(64, 400, 32) == 2
     assert cfg.resolved_sweeps(64, custom_probes=True) == 0
     assert cfg.replace(sweeps=0).resolved_sweeps(64) == 0 and cfg.replace(sweeps=7).resolved_sweeps(10**6) == 7
 
 
 def test_default_fit_sweeps_and_records_how_many():
     a = sparsefit.synth("band", size=20, k=3, seed=3)[:, :13]  # width 40
-    cfg = FitConfig(depth=8, steps=200, batch=4, eval_every=50, seed=1)
+    cfg = FitConfig(depth=8, steps=200, batch=40, eval_every=50, seed=1)
     seen = []
 
     class Log:
@@ -191,8 +220,8 @@ def test_default_fit_sweeps_and_records_how_many():
             seen.append(info)
 
     r = fit(a, cfg, [Log()])
-    n = affordable_sweeps(40, 200, 4)
-    assert n == 5 and r.config.sweeps == n and seen and seen[-1].total == n
+    n = affordable_sweeps(40, 200, 40)
+    assert n == 2 and r.config.sweeps == n and seen and seen[-1].total == n
     assert r.metrics.sweeps_run == seen[-1].sweep >= 1
     plain = fit(a, cfg.replace(sweeps=0))
     assert r.metrics.relative_error < plain.metrics.relative_error
@@ -265,7 +294,7 @@ def test_cli_fit_with_sweeps(tmp_path):
     report = json.loads(r.stdout)
     assert report["config"]["sweeps"] == 2 and out.exists()
     assert 1 <= report["sweeps_run"] <= 2, report
-    table = runner.invoke(app, ["fit", str(src), "--depth", "8", "--steps", "100", "--batch", "4", "-o", str(out)])
+    table = runner.invoke(app, ["fit", str(src), "--depth", "8", "--steps", "100", "--batch", "96", "-o", str(out)])
     assert table.exit_code == 0 and "least-squares sweeps" in table.output and " of 3" in table.output, table.output
     bad = runner.invoke(app, ["fit", str(src), "--sweeps", "-2", "-o", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and "sweeps must be" in bad.output
@@ -276,7 +305,7 @@ def test_cli_fit_with_sweeps(tmp_path):
 def test_hessian_kernel_matches_the_reference(n):
     """The fused numba Hessian product against the plain PyTorch one (float64, widths not powers
     of two), and both against the explicit Hessian ``H[(p,q),(p',q')] = M[p,p']·C[q,q']``."""
-    from sparsefit.kernels.hessian import hessian_product, hessian_product_reference
+    from sparsefit.kernels.sweep import hessian_product, hessian_product_reference
 
     g = _gen(n)
     h = n // 2
@@ -297,3 +326,37 @@ def test_hessian_kernel_matches_the_reference(n):
     got32 = hessian_product(m.float(), c.float(), x.float())
     assert got32.dtype == torch.float32
     assert torch.allclose(got32.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("n,rows", [(2, 1), (6, 17), (34, 5), (202, 301), (1030, 17)], ids=str)
+def test_mix_and_congruence_kernels_match_the_reference(n, rows):
+    """The fused one-sided (``(U·blockdiag(b)ᵀ)[:, perm]``) and two-sided
+    (``(blockdiag(b)·C·blockdiag(b)ᵀ)[perm][:, perm]``) kernels against their PyTorch references
+    in float64, and the references against dense products; non-symmetric ``C`` on purpose."""
+    from sparsefit.kernels import fused_cpu_available
+    from sparsefit.kernels.sweep import congruence, congruence_reference, mix_gather, mix_gather_reference
+
+    g = _gen(n + rows)
+    b = torch.randn(n // 2, 2, 2, dtype=F64, generator=g)
+    perm = torch.randperm(n, generator=g)
+    u = torch.randn(rows, n, dtype=F64, generator=g)
+    c = torch.randn(n, n, dtype=F64, generator=g)
+    want_u, want_c = mix_gather_reference(u, b, perm), congruence_reference(c, b, perm)
+    assert torch.allclose(mix_gather(u, b, perm), want_u, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(congruence(c, b, perm), want_c, rtol=1e-12, atol=1e-12)
+    if n <= 202:
+        bd = torch.block_diag(*b.unbind(0))
+        assert torch.allclose(want_u, (u @ bd.t())[:, perm], rtol=1e-13, atol=1e-13)
+        assert torch.allclose(want_c, (bd @ c @ bd.t())[perm][:, perm], rtol=1e-12, atol=1e-12)
+    # float32 takes the reference; the fused path gives the same bytes at any thread count
+    assert torch.allclose(mix_gather(u.float(), b.float(), perm).double(), want_u, rtol=1e-4, atol=1e-4)
+    if fused_cpu_available():
+        import numba
+
+        threads = numba.get_num_threads()
+        try:
+            numba.set_num_threads(1)
+            one = congruence(c, b, perm)
+        finally:
+            numba.set_num_threads(threads)
+        assert torch.equal(one, congruence(c, b, perm))

@@ -161,8 +161,8 @@ def fit_command(
         typer.Option(
             help="Least-squares sweeps after the Adam steps: each layer's blocks solved in turn on the "
             "exact loss (10 conjugate-gradient steps on its normal equations); they stop early once a "
-            "sweep gains < 0.01 % (needs width ≤ 4096; about 0.2 s per layer at width 2048 on two cores; "
-            "docs/quality.md §10-12). Default: as many as cost no more than the steps, up to 15 (15 for a "
+            "sweep gains < 0.01 % (needs width ≤ 4096; about 0.15 s per layer at width 2048 on two cores; "
+            "docs/quality.md §10-13). Default: as many as cost no more than the steps, up to 15 (15 for a "
             "1024 × 1024 target at the default steps). 0: none, the note's protocol.",
             show_default="auto",
         ),
