@@ -468,7 +468,8 @@ def _sweep(
 ) -> tuple[int, bool]:
     """Least-squares sweeps on ``op`` (in float64, then back to its dtype); keeps the blocks they
     end with when that lowers the exact loss in ``op``'s dtype, else the ones they started from.
-    Returns the sweeps completed and whether Ctrl-C stopped them (what they had reached is kept)."""
+    Returns the sweeps kept (0 when their result was dropped) and whether Ctrl-C stopped them
+    (what they had reached is kept)."""
     blocks = op.blocks.detach().to(torch.float64)
     a = exact.t.t().to(torch.float64) / math.sqrt(exact.x.shape[0])  # t = √k·Aᵀ
     before, loss_before = op.blocks.detach().clone(), _exact_loss(op, exact)
@@ -489,6 +490,7 @@ def _sweep(
         op.blocks.copy_(blocks)
         if _exact_loss(op, exact) >= loss_before:
             op.blocks.copy_(before)
+            done.clear()
     return (done[-1].sweep if done else 0), interrupted
 
 

@@ -360,3 +360,26 @@ def test_mix_and_congruence_kernels_match_the_reference(n, rows):
         finally:
             numba.set_num_threads(threads)
         assert torch.equal(one, congruence(c, b, perm))
+
+
+def test_sweeps_whose_result_is_dropped_count_as_none(monkeypatch):
+    """When the sweeps' blocks do not lower the loss at the fit's precision the fit keeps the
+    blocks it had, and reports no sweeps run (the CLI says why)."""
+    import sparsefit.fitting as fitting
+    from sparsefit.als import SweepInfo
+
+    def worse(blocks, perms, a, sweeps, *, on_sweep=None, should_stop=None):
+        for i in range(sweeps + 1):
+            on_sweep(SweepInfo(i, sweeps, 1.0, 0.0))
+        blocks.mul_(2.0)  # any loss this makes is higher than the Adam result's
+
+    a = sparsefit.synth("sparse", size=12, k=2, seed=0)
+    cfg = FitConfig(depth=6, steps=60, batch=16, eval_every=20, backend="torch", seed=0)
+    plain = fit(a, cfg.replace(sweeps=0))
+    monkeypatch.setattr(fitting, "als_sweeps", worse)
+    r = fit(a, cfg.replace(sweeps=3))
+    assert r.metrics.sweeps_run == 0
+    assert torch.equal(r.operator.blocks, plain.operator.blocks)
+    from sparsefit.cli.cmd_fit import _sweeps
+
+    assert _sweeps(r) == "0 of 3 (none kept: no gain at the fit's precision)"

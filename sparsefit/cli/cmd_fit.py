@@ -54,7 +54,12 @@ def _sweeps(r: FitResult) -> str:
     ran, asked = r.metrics.sweeps_run, r.config.sweeps or 0
     if not asked:
         return "none"
-    why = "" if ran == asked else (" (interrupted)" if r.metrics.interrupted else " (converged)")
+    if r.metrics.interrupted:
+        why = " (interrupted)"
+    elif ran == 0:
+        why = " (none kept: no gain at the fit's precision)"
+    else:
+        why = "" if ran == asked else " (converged)"
     return f"{ran} of {asked}{why}"
 
 
