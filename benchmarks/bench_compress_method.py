@@ -221,6 +221,7 @@ def main() -> None:  # noqa: C901 - a linear script
         help="pooled (embeddings), centred (minus the batch mean) or similarity (pairwise) effects",
     )
     ap.add_argument("--steps", type=int, default=300, help="Adam steps of each G~ candidate fit")
+    ap.add_argument("--sweeps", type=int, default=0, help="least-squares sweeps (data loss) after each G~ fit")
     ap.add_argument("--include", default=None, help="regex on module names (default: all 36 encoder linears)")
     ap.add_argument("--cache", type=Path, default=None, help="reuse/keep Grams and sensitivities in this .pt file")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compress_method.json")
@@ -271,7 +272,7 @@ def main() -> None:  # noqa: C901 - a linear script
     whs = {n: whitening(grams[n]) for n in names}
     svds = {n: whitened_svd(weights[n], whs[n]) for n in names}
     plain = {n: torch.linalg.svd(weights[n], full_matrices=False) for n in names}
-    settings = GTildeSettings(steps=args.steps)
+    settings = GTildeSettings(steps=args.steps, sweeps=args.sweeps)
     total_dense = sum(w.numel() for w in weights.values())
 
     def evaluate(dense_by_name: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -224,6 +224,7 @@ def als_sweeps(
     on_sweep: Callable[[SweepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     exact: bool = False,
+    x: torch.Tensor | None = None,
 ) -> list[float]:
     """Run ``sweeps`` least-squares sweeps on ``blocks`` (float64, ``(depth, n/2, 2, 2)``, updated
     in place) for the dense target ``a`` (``(out, in)``). Returns the exact loss
@@ -231,10 +232,18 @@ def als_sweeps(
     ``on_sweep`` as a :class:`SweepInfo`); it never rises.
     Stops early when a sweep lowers the loss by less than :data:`TOLERANCE` of it or
     ``should_stop()`` is true. ``exact=True`` solves each layer by Cholesky
-    (:func:`_solve_layer_exact`) instead of :data:`CG_ITERS` conjugate-gradient steps. On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the
-    loss) and the interrupt propagates."""
-    if blocks.dtype != torch.float64 or a.dtype != torch.float64:
+    (:func:`_solve_layer_exact`) instead of :data:`CG_ITERS` conjugate-gradient steps.
+
+    ``x`` (float64 ``(rows, in)``, e.g. calibration inputs) makes the loss a data loss,
+    ``||(G~ − A)·xᵀ||²_F / out``: the layer below then starts as ``Z_0 = P_0·E·xᵀ`` instead of
+    ``P_0·E`` and the right-hand sides use ``A·xᵀ`` (``None``: the identity, the plain loss).
+
+    On ``KeyboardInterrupt`` the blocks hold the last layer solved (each solve lowers the loss) and
+    the interrupt propagates."""
+    if blocks.dtype != torch.float64 or a.dtype != torch.float64 or (x is not None and x.dtype != torch.float64):
         raise TypeError("als_sweeps works in float64")
+    if x is not None and (x.dim() != 2 or x.shape[1] != a.shape[1]):
+        raise ValueError(f"x must be (rows, {a.shape[1]}), got {tuple(x.shape)}")
     depth, n = perms.shape
     out, k = a.shape
     segment = max(1, math.isqrt(depth))
@@ -246,17 +255,24 @@ def als_sweeps(
         if on_sweep is not None:
             on_sweep(SweepInfo(i, sweeps, mse, time.perf_counter() - t0))
 
+    target = a if x is None else a @ x.t()  # what G~ applied to the inputs should give
+
     def start() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``Z_0ᵀ = (P_0 E)ᵀ`` (``in × n``), ``C_0 = Z_0 Z_0ᵀ`` and ``U_0 = A Z_0ᵀ`` (``out × n``)."""
+        """``Z_0ᵀ`` (``rows × n``), ``C_0 = Z_0 Z_0ᵀ`` and ``U_0 = target·Z_0ᵀ`` (``out × n``)."""
         p0 = perms[0]
-        zt = torch.eye(n, dtype=a.dtype, device=a.device)[:k][:, p0]
-        c = torch.diag((p0 < k).to(a.dtype))
-        a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
-        a_pad[:, :k] = a
-        return zt, c, a_pad[:, p0]
+        if x is None:  # Z_0 = P_0 E: a 0/1 matrix, C_0 diagonal
+            zt = torch.eye(n, dtype=a.dtype, device=a.device)[:k][:, p0]
+            c = torch.diag((p0 < k).to(a.dtype))
+            a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
+            a_pad[:, :k] = a
+            return zt, c, a_pad[:, p0]
+        z = torch.zeros(n, x.shape[0], dtype=a.dtype, device=a.device)
+        z[:k] = x.t()
+        z = z[p0]
+        return z.t().contiguous(), z @ z.t(), target @ z.t()
 
     def loss(zt_top: torch.Tensor) -> float:
-        return float(torch.sum((zt_top[:, :out].t() - a) ** 2)) / out
+        return float(torch.sum((zt_top[:, :out].t() - target) ** 2)) / out
 
     zt, _, _ = start()
     for j in range(depth):

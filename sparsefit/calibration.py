@@ -188,6 +188,11 @@ class ActivationProbes:
         self.holdout = rows[:n_hold].contiguous()
         self.train = rows[n_hold:].contiguous()
 
+    @property
+    def sweep_rows(self) -> torch.Tensor:
+        """The training rows: least-squares sweeps after the fit minimise the data loss over them."""
+        return self.train
+
     def __call__(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, self.train.shape[0], (batch,), generator=generator, device=generator.device)
         return self.train.to(idx.device)[idx]

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -465,13 +466,20 @@ def _sweep(
     sweeps: int,
     callbacks: Sequence[Any],
     should_stop: Callable[[], bool] | None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[int, bool]:
     """Least-squares sweeps on ``op`` (in float64, then back to its dtype); keeps the blocks they
-    end with when that lowers the exact loss in ``op``'s dtype, else the ones they started from.
-    Returns the sweeps kept (0 when their result was dropped) and whether Ctrl-C stopped them
-    (what they had reached is kept)."""
+    end with when that lowers their loss in ``op``'s dtype, else the ones they started from. The
+    loss is ``||G~ − A||²_F``, or with ``rows`` (the probes' ``sweep_rows``, ``(p, in)``) the data
+    loss ``||(G~ − A)·rowsᵀ||²_F``. Returns the sweeps kept (0 when their result was dropped) and
+    whether Ctrl-C stopped them (what they had reached is kept)."""
     blocks = op.blocks.detach().to(torch.float64)
     a = exact.t.t().to(torch.float64) / math.sqrt(exact.x.shape[0])  # t = √k·Aᵀ
+    x64 = None
+    if rows is not None:
+        x64 = rows.to(op.blocks.device, torch.float64)
+        xr = x64.to(op.blocks.dtype)
+        exact = SimpleNamespace(x=xr, t=(x64 @ a.t()).to(op.blocks.dtype))  # judged on the data loss
     before, loss_before = op.blocks.detach().clone(), _exact_loss(op, exact)
     interrupted = False
     done: list[Any] = []
@@ -483,6 +491,7 @@ def _sweep(
             sweeps,
             on_sweep=lambda info: (done.append(info), _emit(callbacks, "on_sweep", info)),
             should_stop=should_stop,
+            x=x64,
         )
     except KeyboardInterrupt:
         interrupted = True
@@ -544,7 +553,10 @@ def fit(
     probes: ``probes(batch, generator) -> (batch, in)`` replaces the Gaussian probes (e.g. rows of
     recorded activations, for a fit of ``E||(G~ − A)x||²`` over real inputs); default N(0, I). A
     probe source with a ``loss(op, target) -> float`` method (e.g.
-    :class:`~sparsefit.compress.structures.DataProbes`) is also what a warm start is judged by.
+    :class:`~sparsefit.compress.structures.DataProbes`) is also what a warm start is judged by;
+    one with a ``sweep_rows`` tensor ``(p, in)`` makes the least-squares sweeps (``config.sweeps``,
+    which custom probes leave at 0 unless asked) minimise the data loss ``||(G~ − A)·rowsᵀ||²_F``
+    over those rows; without it the sweeps minimise ``||G~ − A||²_F``.
 
     Example
     -------
@@ -578,9 +590,10 @@ def fit(
     config = config.replace(sweeps=config.resolved_sweeps(width, custom_probes=probes is not None))  # what runs
     if config.sweeps:  # fail before the steps, not after them
         check_als_width(width)
-        if probes is not None:
+        if probes is not None and getattr(probes, "sweep_rows", None) is None:
             raise SparsefitError(
-                "least-squares sweeps fit the matrix itself; they cannot be combined with custom probes"
+                "least-squares sweeps need the probes' rows (a sweep_rows attribute); these custom probes "
+                "have none: use sweeps=0"
             )
     source = make_probe_source(tgt, config, op, probes)
     step = make_step(op, config, m)
@@ -631,7 +644,8 @@ def fit(
                 op.blocks.copy_(before)
     sweeps_run = 0
     if config.sweeps and not interrupted:
-        sweeps_run, interrupted = _sweep(op, _exact_for(source, tgt, op), config.sweeps, callbacks, should_stop)
+        rows = getattr(probes, "sweep_rows", None)
+        sweeps_run, interrupted = _sweep(op, _exact_for(source, tgt, op), config.sweeps, callbacks, should_stop, rows)
     fit_seconds = time.perf_counter() - reporter.t0
     error = (
         _keep_start_if_better(op, tgt, start_blocks, config.seed, probes) if start_blocks is not None and done else None

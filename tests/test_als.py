@@ -2,6 +2,7 @@
 the sweep's bookkeeping against the plain PyTorch reference, and the wiring into fit and the CLI."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -383,3 +384,66 @@ def test_sweeps_whose_result_is_dropped_count_as_none(monkeypatch):
     from sparsefit.cli.cmd_fit import _sweeps
 
     assert _sweeps(r) == "0 of 3 (none kept: no gain at the fit's precision)"
+
+
+def _data_loss(blocks, perms, a, x):
+    out, k = a.shape
+    got = gtilde_reference(x, blocks, perms, out)  # (rows, out) = (G~ xᵀ)ᵀ
+    return ((got - x @ a.t()) ** 2).sum() / out
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["cholesky", "cg"])
+@pytest.mark.parametrize(
+    "out_f,in_f,rows,depth,width", [(6, 6, 17, 5, 12), (5, 9, 4, 6, 18), (10, 3, 1, 4, 20)], ids=str
+)
+def test_data_loss_sweeps_lower_the_data_loss(out_f, in_f, rows, depth, width, exact):
+    """With input rows ``x`` the sweeps minimise ``||(G~ − A)xᵀ||²_F``: reported losses are that
+    loss, never rise, and (exact solves) leave the last layer at a stationary point of it; with
+    ``x = √k·I`` they are ``k`` times the plain sweeps' losses."""
+    op = _random_operator(in_f, out_f, depth, width, seed=depth + width + rows)
+    a = torch.randn(out_f, in_f, dtype=F64, generator=_gen(3))
+    mix = torch.randn(in_f, in_f, dtype=F64, generator=_gen(4))
+    x = torch.randn(rows, in_f, dtype=F64, generator=_gen(5)) @ mix  # correlated inputs
+    blocks = op.blocks.detach().clone()
+    losses = als_sweeps(blocks, op.perms, a, 4, exact=exact, x=x)
+    assert losses[0] == pytest.approx(float(_data_loss(op.blocks.detach(), op.perms, a, x)), rel=1e-12)
+    floor = 1e-20 * losses[0]  # one input row can be fitted exactly: then rounding is all that moves
+    assert losses[-1] == pytest.approx(float(_data_loss(blocks, op.perms, a, x)), rel=1e-10, abs=floor)
+    assert all(b <= a_ * (1 + 1e-12) + floor for a_, b in zip(losses[:-1], losses[1:], strict=True))
+    assert losses[-1] < 0.9 * losses[0]
+    if exact:
+        leaf = blocks.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_data_loss(leaf, op.perms, a, x), leaf)
+        assert grad[-1].abs().max() < 1e-7 * max(1.0, grad.abs().max().item())
+    plain = als_sweeps(op.blocks.detach().clone(), op.perms, a, 2, exact=exact)
+    scaled = als_sweeps(
+        op.blocks.detach().clone(), op.perms, a, 2, exact=exact, x=math.sqrt(in_f) * torch.eye(in_f, dtype=F64)
+    )
+    assert scaled == pytest.approx([in_f * v for v in plain], rel=1e-8)
+    with pytest.raises(ValueError, match="rows"):
+        als_sweeps(blocks, op.perms, a, 1, x=x[:, :-1] if in_f > 1 else x.t())
+
+
+def test_fit_sweeps_on_the_probes_data_loss():
+    """Probes with ``sweep_rows`` (calibration inputs) make the sweeps lower the data loss over
+    those rows; the plain sweeps, blind to the inputs, do worse on it."""
+    from sparsefit.calibration import ActivationProbes, data_relative_error
+
+    g = _gen(11)
+    a = torch.randn(20, 24, generator=g)
+    basis = torch.randn(24, 6, generator=g)
+    rows = torch.randn(400, 6, generator=g) @ basis.t() + 0.05 * torch.randn(400, 24, generator=g)  # low-dim inputs
+    probes = ActivationProbes(rows, seed=0)
+    cfg = FitConfig(depth=6, steps=150, batch=32, eval_every=50, backend="torch", seed=0)
+    none = fit(a, cfg.replace(sweeps=0), probes=probes)
+    data = fit(a, cfg.replace(sweeps=4), probes=probes)
+    assert data.metrics.sweeps_run >= 1
+    err = {name: data_relative_error(r.operator, a, probes.train) for name, r in (("none", none), ("data", data))}
+    assert err["data"] < 0.9 * err["none"], err
+    # the same number of plain sweeps from the same start, blind to the inputs, do worse on them
+    blind = none.operator.blocks.detach().double().clone()
+    als_sweeps(blind, none.operator.perms, a.double(), data.metrics.sweeps_run)
+    plain = none.operator
+    with torch.no_grad():
+        plain.blocks.copy_(blind)
+    assert data_relative_error(plain, a, probes.train) > err["data"]

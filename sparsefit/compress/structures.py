@@ -204,6 +204,11 @@ class DataProbes:
     def __call__(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         return self.rows.to(generator.device)
 
+    @property
+    def sweep_rows(self) -> torch.Tensor:
+        """The probe rows (float64): least-squares sweeps minimise the same data loss."""
+        return self.rows64
+
     @torch.no_grad()
     def loss(self, op: GTilde, target: Any) -> float:
         """``||(G~ − T) X||²_F`` over the probe rows, in float64 (``target``: a :class:`~sparsefit.targets.Target`)."""
@@ -233,7 +238,8 @@ class GTildeSettings:
 
     steps: Adam steps per G~ fit (``gtilde``) and per G~ round of the joint fit. rounds: G~/low-rank
     alternations of ``gtilde+lowrank``. lowrank_share: fraction of the joint budget given to the
-    low rank. probe_rows: strongest input directions kept in the loss (None: all, exact).
+    low rank. probe_rows: strongest input directions kept in the loss (None: all, exact). sweeps:
+    least-squares sweeps on the same data loss after the Adam steps (:mod:`sparsefit.als`).
     """
 
     steps: int = 300
@@ -243,10 +249,13 @@ class GTildeSettings:
     lowrank_share: float = 0.75
     probe_rows: int | None = None
     seed: int = 0
+    sweeps: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.rounds < 1:
             raise SparsefitError("G~ candidate fits need steps >= 1 and rounds >= 1")
+        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
+            raise SparsefitError(f"sweeps must be a whole number >= 0, got {self.sweeps!r}")
         if not 0 < self.lowrank_share < 1:
             raise SparsefitError(f"lowrank share must be in (0, 1), got {self.lowrank_share}")
 
@@ -264,7 +273,7 @@ class GTildeSettings:
             sampler=self.sampler,
             device="cpu",
             eval_every=max(1, min(50, self.steps)),
-            sweeps=0,  # the data loss has no dense target to sweep on
+            sweeps=self.sweeps,  # on the data loss (DataProbes.sweep_rows)
         )
 
 
