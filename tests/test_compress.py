@@ -306,6 +306,15 @@ def test_calibration_fits_over_recorded_inputs(sharded, tmp_path):
     assert r.exit_code == 0, r.output
     layers = json.loads(r.stdout)["layers"]
     assert all(lay["data_relative_error"] is not None for lay in layers)
+    # sweeps on the data loss over the same calibration rows: never worse on them, better somewhere
+    swept = run(
+        "compress", src, "-o", tmp_path / "out2", *FAST, "--sweeps", "3", "--calibration", tmp_path / "calib.safetensors",
+        "--json", "-",
+    )  # fmt: skip
+    assert swept.exit_code == 0, swept.output
+    after = {lay["name"]: lay for lay in json.loads(swept.stdout)["layers"]}
+    assert after.keys() == {lay["name"] for lay in layers}
+    assert any(after[lay["name"]]["relative_error"] != lay["relative_error"] for lay in layers)
 
 
 # ---- bad input: one line, exit code 2, nothing written ---------------------------------------

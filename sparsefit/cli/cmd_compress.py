@@ -203,6 +203,14 @@ def compress_command(
     ] = None,
     steps: Annotated[int, typer.Option(help="Adam steps per fit.")] = 3000,
     batch: Annotated[int, typer.Option(help="Probes per step.")] = 256,
+    sweeps: Annotated[
+        int,
+        typer.Option(
+            help="Least-squares sweeps after each G~ fit (each layer's blocks solved in turn), on the data loss "
+            "over the calibration inputs when there are any, else on the weight itself; they lower a G~'s error "
+            "but cost more than its Adam steps at large depths (docs/quality.md §13). 0: none.",
+        ),
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seeds permutations, initialisation and probes.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     calibration: Annotated[
@@ -251,7 +259,7 @@ def compress_command(
         max_params_ratio=max_params_ratio,
         width=width,
         min_depth=min_depth,
-        fit=FitConfig(steps=steps, batch=batch, seed=seed, device=device),
+        fit=FitConfig(steps=steps, batch=batch, seed=seed, device=device, sweeps=sweeps),
         calibration=calibration,
     )
     dconfig = DistillConfig(steps=distill, seed=seed) if distill is not None else None

@@ -220,7 +220,7 @@ def choose_layer(
 
     m, k = weight.shape
     t0 = time.perf_counter()
-    settings = GTildeSettings(steps=config.candidate_steps, seed=config.fit.seed)
+    settings = GTildeSettings(steps=config.candidate_steps, seed=config.fit.seed, sweeps=config.fit.sweeps or 0)
     least = smallest_params(m, k, config.structures)
     if budget < least:
         rec = LayerRecord(name, (m, k), "", "dense", None, 0, m * k, m * k, *([None] * 5), [], [], 0.0)
