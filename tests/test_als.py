@@ -369,7 +369,7 @@ def test_sweeps_whose_result_is_dropped_count_as_none(monkeypatch):
     import sparsefit.fitting as fitting
     from sparsefit.als import SweepInfo
 
-    def worse(blocks, perms, a, sweeps, *, on_sweep=None, should_stop=None):
+    def worse(blocks, perms, a, sweeps, *, on_sweep=None, should_stop=None, x=None):
         for i in range(sweeps + 1):
             on_sweep(SweepInfo(i, sweeps, 1.0, 0.0))
         blocks.mul_(2.0)  # any loss this makes is higher than the Adam result's
