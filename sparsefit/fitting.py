@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -475,12 +474,11 @@ def _sweep(
     whether Ctrl-C stopped them (what they had reached is kept)."""
     blocks = op.blocks.detach().to(torch.float64)
     a = exact.t.t().to(torch.float64) / math.sqrt(exact.x.shape[0])  # t = √k·Aᵀ
-    x64 = None
-    if rows is not None:
+    x, t, x64 = exact.x, exact.t, None
+    if rows is not None:  # judged on the data loss over the rows
         x64 = rows.to(op.blocks.device, torch.float64)
-        xr = x64.to(op.blocks.dtype)
-        exact = SimpleNamespace(x=xr, t=(x64 @ a.t()).to(op.blocks.dtype))  # judged on the data loss
-    before, loss_before = op.blocks.detach().clone(), _exact_loss(op, exact)
+        x, t = x64.to(op.blocks.dtype), (x64 @ a.t()).to(op.blocks.dtype)
+    before, loss_before = op.blocks.detach().clone(), _probe_loss(op, x, t)
     interrupted = False
     done: list[Any] = []
     try:
@@ -497,16 +495,17 @@ def _sweep(
         interrupted = True
     with torch.no_grad():
         op.blocks.copy_(blocks)
-        if _exact_loss(op, exact) >= loss_before:
+        if _probe_loss(op, x, t) >= loss_before:
             op.blocks.copy_(before)
             done.clear()
     return (done[-1].sweep if done else 0), interrupted
 
 
-def _exact_loss(op: GTilde, exact: ExactProbes) -> float:
-    """``k·||G~ − A||²_F`` in ``op``'s dtype (only compared, never reported)."""
+def _probe_loss(op: GTilde, x: torch.Tensor, t: torch.Tensor) -> float:
+    """``||G~·xᵀ − tᵀ||²_F`` in ``op``'s dtype (only compared, never reported): with the exact
+    source's ``x = √k·I`` that is ``k·||G~ − A||²_F``."""
     with torch.no_grad():
-        return float(((op(exact.x, backend="torch") - exact.t) ** 2).sum(dtype=torch.float64))
+        return float(((op(x, backend="torch") - t) ** 2).sum(dtype=torch.float64))
 
 
 def _grow(
