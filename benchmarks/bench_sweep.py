@@ -1,7 +1,7 @@
 """Time one least-squares sweep (``sparsefit.als``) against the Adam steps it is budgeted in.
 
 The default fit runs as many sweeps as cost no more than its Adam steps, by a fixed cost model
-(``sparsefit.als.SWEEP_COST``: a sweep counts as ``SWEEP_COST · width²`` probe-steps). This script
+(``sparsefit.als.SWEEP_COST``: a sweep counts as ``SWEEP_COST · width`` probe-steps). This script
 measures what that constant should be on this machine: one sweep with the truncated
 conjugate-gradient layer solve (the default) and with the exact Cholesky solve (the reference),
 interleaved, on the operator a short fit of the target left, and the seconds per Adam step of
@@ -123,7 +123,7 @@ def _one(a: argparse.Namespace, name: str) -> dict:
     print(f"{'solver':<10} {'min s/sweep':>12} {'median':>8} {'sweeps':>7} {'error after':>12} {'SWEEP_COST':>11}")
     rows = []
     for solver, ts in times.items():
-        cost = min(ts) / step_s * a.batch / width**2
+        cost = min(ts) / step_s * a.batch / width  # probe-steps per unit of width
         errors = [(loss / norm) ** 0.5 for loss in losses[solver]]
         rows.append(
             {
