@@ -20,8 +20,11 @@ them when the sweep reaches them (:func:`_layers_above`; fused kernels in
 diagonal), so no layer raises the loss and the gauge freedom between layers cannot make a step
 blow up.
 
+With input rows ``x`` (``als_sweeps(..., x=…)``, e.g. calibration activations) the loss is the
+data loss ``||(G~ − A)·xᵀ||²_F``: the same algebra with ``Z_j`` ending in ``E·xᵀ`` instead of ``E``.
+
 This is block-coordinate Gauss–Newton (exact Newton, since the model is linear in each block): it
-needs the dense target and no probes, and it is a polish, not a fit from scratch — started from a
+needs the dense target (and the rows, for the data loss) but no probes, and it is a polish, not a fit from scratch — started from a
 random orthogonal operator it stalls far above what the Adam schedule reaches
 (``docs/quality.md`` §10). Everything runs in float64 on the operator's device.
 """
