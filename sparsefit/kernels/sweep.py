@@ -144,21 +144,21 @@ def hessian_product(m: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.
     return y
 
 
+def _mix_fused(name: str, reference, a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Kernel ``name`` of :func:`_kernels` on float64 CPU tensors when numba is installed, else ``reference``."""
+    if not _fused(a, b) or perm.device.type != "cpu":
+        return reference(a, b, perm)
+    a, b, perm = a.contiguous(), b.contiguous(), perm.to(torch.int64).contiguous()
+    out = torch.empty_like(a)
+    getattr(_kernels(), name)(a.numpy(), b.numpy(), perm.numpy(), out.numpy())
+    return out
+
+
 def mix_gather(u: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """The fused kernel on float64 CPU tensors when numba is installed, else the reference."""
-    if not _fused(u, b) or perm.device.type != "cpu":
-        return mix_gather_reference(u, b, perm)
-    u, b, perm = u.contiguous(), b.contiguous(), perm.to(torch.int64).contiguous()
-    v = torch.empty_like(u)
-    _kernels().mix_gather(u.numpy(), b.numpy(), perm.numpy(), v.numpy())
-    return v
+    return _mix_fused("mix_gather", mix_gather_reference, u, b, perm)
 
 
 def congruence(c: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """The fused kernel on float64 CPU tensors when numba is installed, else the reference."""
-    if not _fused(c, b) or perm.device.type != "cpu":
-        return congruence_reference(c, b, perm)
-    c, b, perm = c.contiguous(), b.contiguous(), perm.to(torch.int64).contiguous()
-    d = torch.empty_like(c)
-    _kernels().congruence(c.numpy(), b.numpy(), perm.numpy(), d.numpy())
-    return d
+    return _mix_fused("congruence", congruence_reference, c, b, perm)
