@@ -118,18 +118,19 @@ def _layers_above(
     q = torch.zeros(out, n, dtype=blocks.dtype, device=blocks.device)
     q[:, :out] = torch.eye(out, dtype=blocks.dtype, device=blocks.device)
     m = torch.diag((torch.arange(n, device=blocks.device) < out).to(blocks.dtype))
+    invs = torch.argsort(perms, dim=1)
     tops = [min(lo + segment, depth) - 1 for lo in range(0, depth, segment)]
     checkpoints = {}
     for j in range(depth - 1, tops[0] - 1, -1):
         if j in tops:
             checkpoints[j] = (q, m)
         if j > tops[0]:
-            q, m = _above_step(q, m, blocks[j], torch.argsort(perms[j]))
+            q, m = _above_step(q, m, blocks[j], invs[j])
     del q, m
     for lo, top in zip(range(0, depth, segment), tops, strict=True):
         above = [checkpoints.pop(top)]
         for j in range(top, lo, -1):
-            above.append(_above_step(*above[-1], blocks[j], torch.argsort(perms[j])))
+            above.append(_above_step(*above[-1], blocks[j], invs[j]))
         while above:
             yield above.pop()
 
@@ -250,7 +251,6 @@ def als_sweeps(
     depth, n = perms.shape
     out, k = a.shape
     segment = max(1, math.isqrt(depth))
-    identity = torch.arange(n, device=a.device)
     solve = _solve_layer_exact if exact else _solve_layer
     t0 = time.perf_counter()
 
@@ -259,40 +259,41 @@ def als_sweeps(
             on_sweep(SweepInfo(i, sweeps, mse, time.perf_counter() - t0))
 
     target = a if x is None else a @ x.t()  # what G~ applied to the inputs should give
-
-    def start() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``Z_0ᵀ`` (``rows × n``), ``C_0 = Z_0 Z_0ᵀ`` and ``U_0 = target·Z_0ᵀ`` (``out × n``)."""
-        p0 = perms[0]
-        if x is None:  # Z_0 = P_0 E: a 0/1 matrix, C_0 diagonal
-            zt = torch.eye(n, dtype=a.dtype, device=a.device)[:k][:, p0]
-            c = torch.diag((p0 < k).to(a.dtype))
-            a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
-            a_pad[:, :k] = a
-            return zt, c, a_pad[:, p0]
-        z = torch.zeros(n, x.shape[0], dtype=a.dtype, device=a.device)
-        z[:k] = x.t()
-        z = z[p0]
-        return z.t().contiguous(), z @ z.t(), target @ z.t()
+    # what every sweep starts from (it depends on P_0 and x only): Z_0ᵀ (rows × n), C_0 = Z_0 Z_0ᵀ
+    # and U_0 = target·Z_0ᵀ (out × n)
+    p0 = perms[0]
+    if x is None:  # Z_0 = P_0 E: a 0/1 matrix, C_0 diagonal
+        zt0 = torch.eye(n, dtype=a.dtype, device=a.device)[:k][:, p0]
+        c0 = torch.diag((p0 < k).to(a.dtype))
+        a_pad = torch.zeros(out, n, dtype=a.dtype, device=a.device)
+        a_pad[:, :k] = a
+        u0 = a_pad[:, p0]
+    else:
+        x_pad = torch.zeros(n, x.shape[0], dtype=a.dtype, device=a.device)
+        x_pad[:k] = x.t()
+        zt0 = x_pad[p0].t().contiguous()
+        c0, u0 = zt0.t() @ zt0, target @ zt0
+    # the permutation after each layer (none after the last)
+    nexts = [*perms[1:], torch.arange(n, device=a.device)]
 
     def loss(zt_top: torch.Tensor) -> float:
         return float(torch.sum((zt_top[:, :out].t() - target) ** 2)) / out
 
-    zt, _, _ = start()
+    zt = zt0
     for j in range(depth):
-        zt = mix_gather(zt, blocks[j], perms[j + 1] if j + 1 < depth else identity)
+        zt = mix_gather(zt, blocks[j], nexts[j])
     losses = [loss(zt)]
     emit(0, losses[0])
     for s in range(sweeps):
-        zt, c, u = start()
+        zt, c, u = zt0, c0, u0
         for j, (q, m) in enumerate(_layers_above(blocks, perms, out, segment)):
             b = solve(q, m, c, u, blocks[j])
             blocks[j] = b
             del q, m
-            nxt = perms[j + 1] if j + 1 < depth else identity
-            zt = mix_gather(zt, b, nxt)
+            zt = mix_gather(zt, b, nexts[j])
             if j + 1 < depth:
-                c = congruence(c, b, nxt)
-                u = mix_gather(u, b, nxt)
+                c = congruence(c, b, nexts[j])
+                u = mix_gather(u, b, nexts[j])
         mse = loss(zt)
         losses.append(mse)
         emit(s + 1, mse)
