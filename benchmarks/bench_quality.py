@@ -52,6 +52,8 @@ def run_one(
         polish=args.polish,
         grow=args.grow,
         sweeps=args.sweeps,
+        rounds=args.rounds,
+        round_steps=args.round_steps,
         sampler=args.permutations,
     )
     t0 = time.perf_counter()
@@ -71,6 +73,9 @@ def run_one(
         "polish": args.polish,
         "grow": args.grow,
         "sweeps": r.config.sweeps,  # the count asked or, with --sweeps auto, the one fit resolved
+        "rounds": args.rounds,
+        "round_steps": args.round_steps,
+        "sweeps_kept": m.sweeps_run,
         "permutations": args.permutations,
         "seed": seed,
         "steps": args.steps,
@@ -81,9 +86,11 @@ def run_one(
         "mse_last": m.mse_last,
         "seconds": round(time.perf_counter() - t0, 2),
         "history": r.history,
-        # least-squares sweeps: (sweep, relative error, seconds since they started); sweep 0 is the
-        # Adam result they start from, so one run gives the error with and without them
-        "sweep_history": [(s.sweep, math.sqrt(s.mse * a.shape[0] / norm2), round(s.seconds, 2)) for s in sweeps],
+        # least-squares sweeps: (sweep, relative error, seconds since they started, round); sweep 0
+        # is the Adam result they start from, so one run gives the error with and without them
+        "sweep_history": [
+            (s.sweep, math.sqrt(s.mse * a.shape[0] / norm2), round(s.seconds, 2), s.round) for s in sweeps
+        ],
     }
 
 
@@ -171,6 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="least-squares sweeps at the end (FitConfig.sweeps); 'auto' is the library's default, "
         "as many as the steps afford",
+    )
+    ap.add_argument("--rounds", type=int, default=FitConfig.rounds, help="rounds of sweeps (FitConfig.rounds)")
+    ap.add_argument(
+        "--round-steps",
+        type=int,
+        default=FitConfig.round_steps,
+        help="Adam steps between rounds (FitConfig.round_steps)",
     )
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")

@@ -69,12 +69,15 @@ CG_TOLERANCE = 1e-20
 class SweepInfo:
     """Reported to callbacks' ``on_sweep`` after each sweep: the exact loss
     ``||G~ − A||²_F / out`` (the scale of the training MSE) before any sweep (``sweep = 0``) and
-    after each, and the seconds since the sweeps started."""
+    after each, and the seconds since the sweeps started; in a fit with ``rounds``, the round the
+    sweep belongs to (sweeps are counted across rounds)."""
 
     sweep: int
     total: int
     mse: float
     seconds: float
+    round: int = 1
+    rounds: int = 1
 
 
 def check_als_width(width: int) -> None:

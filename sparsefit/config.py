@@ -9,7 +9,8 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import SparsefitError
 
-CONFIG_VERSION = 4  # 2: FitConfig.grow; 3: FitConfig.sweeps; 4: sweeps=None (as many as the steps' cost) the default
+CONFIG_VERSION = 5  # 2: FitConfig.grow; 3: FitConfig.sweeps; 4: sweeps=None (as many as the steps' cost) the default;
+# 5: FitConfig.rounds and round_steps
 
 C = TypeVar("C", bound="VersionedConfig")
 
@@ -201,6 +202,11 @@ class FitConfig(VersionedConfig):
     less than 0.01 %. A number needs a width of at most :data:`sparsefit.als.ALS_MAX_WIDTH` and no
     custom probes; ``None`` (the default) means :meth:`resolved_sweeps`: as many as cost no more
     than the Adam steps, up to 15, and none with custom probes or above that width.
+    ``rounds``: the sweeps run in this many rounds (at most one per sweep), with ``round_steps``
+    Adam steps on the sweeps' loss between two rounds (fresh optimiser state, the last phase's
+    learning rate, no regulariser): the steps move all layers at once, which the sweeps cannot,
+    and lift the sweeps out of the slow stretch they end in (``docs/quality.md`` §14). The best
+    blocks seen at the end of a round are kept.
     ``grow``: depth doublings. With ``grow = g`` the fit runs in ``g + 1`` stages of equal steps:
     the first at depth ``ceil(depth / 2^g)`` with the schedule, each next one at twice the depth
     (identity layers inserted, the matrix unchanged, see :func:`sparsefit.operator.extend_operator`)
@@ -225,6 +231,8 @@ class FitConfig(VersionedConfig):
     polish: int = 0
     grow: int = 0
     sweeps: int | None = None
+    rounds: int = 1
+    round_steps: int = 400
 
     KIND: ClassVar[str] = "fit config"
     VERSION: ClassVar[int] = CONFIG_VERSION
@@ -263,6 +271,10 @@ class FitConfig(VersionedConfig):
             isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0
         ):
             raise SparsefitError(f"sweeps must be a whole number >= 0 of least-squares sweeps, got {self.sweeps!r}")
+        for name in ("rounds", "round_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SparsefitError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
         if isinstance(self.grow, bool) or not isinstance(self.grow, int) or not (0 <= self.grow <= MAX_GROW):
             raise SparsefitError(
                 f"grow must be a whole number of depth doublings from 0 to {MAX_GROW}, got {self.grow!r}"
@@ -314,9 +326,12 @@ class FitConfig(VersionedConfig):
 
     @classmethod
     def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
-        """Before version 4 an absent ``sweeps`` meant none (version 3 always wrote it)."""
+        """Before version 4 an absent ``sweeps`` meant none (version 3 always wrote it); before
+        version 5 the sweeps ran in one round."""
         if version < 4:
             d.setdefault("sweeps", 0)
+        if version < 5:
+            d.setdefault("rounds", 1)
         return d
 
     def resolved_phases(self) -> tuple[Phase, ...]:

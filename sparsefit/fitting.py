@@ -7,6 +7,7 @@ the result then holds the best parameters seen so far and ``interrupted=True``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .als import als_sweeps, check_als_width
+from .als import SweepInfo, als_sweeps, check_als_width
 from .config import FitConfig, Phase
 from .errors import SparsefitError
 from .kernels import Backend, dispatch, fused_cpu_available, parse_backend, resolve_backend
@@ -459,46 +460,91 @@ def polish(
     return losses
 
 
+def round_lengths(sweeps: int, rounds: int) -> list[int]:
+    """The sweeps of each round: ``sweeps`` split as evenly as possible over ``min(rounds, sweeps)``
+    rounds, the longer ones first."""
+    rounds = max(1, min(rounds, sweeps))
+    return [sweeps // rounds + (r < sweeps % rounds) for r in range(rounds)]
+
+
 def _sweep(
     op: GTilde,
     exact: ExactProbes,
-    sweeps: int,
+    config: FitConfig,
     callbacks: Sequence[Any],
     should_stop: Callable[[], bool] | None,
     rows: torch.Tensor | None = None,
 ) -> tuple[int, bool]:
-    """Least-squares sweeps on ``op`` (in float64, then back to its dtype); keeps the blocks they
-    end with when that lowers their loss in ``op``'s dtype, else the ones they started from. The
-    loss is ``||G~ − A||²_F``, or with ``rows`` (the probes' ``sweep_rows``, ``(p, in)``) the data
-    loss ``||(G~ − A)·rowsᵀ||²_F``. Returns the sweeps kept (0 when their result was dropped) and
-    whether Ctrl-C stopped them (what they had reached is kept)."""
-    blocks = op.blocks.detach().to(torch.float64)
+    """``config.sweeps`` least-squares sweeps on ``op`` (in float64, then back to its dtype), in
+    ``config.rounds`` rounds with ``config.round_steps`` Adam steps between two rounds. The loss is
+    ``||G~ − A||²_F``, or with ``rows`` (the probes' ``sweep_rows``, ``(p, in)``) the data loss
+    ``||(G~ − A)·rowsᵀ||²_F``; the Adam steps between rounds minimise the same loss. Keeps the
+    blocks with the lowest loss in ``op``'s dtype among the start and the end of each round (Adam
+    steps that raise it are undone). Returns the sweeps done up to the blocks kept (0 when none
+    lowered the loss) and whether Ctrl-C stopped them (the best reached is kept)."""
     a = exact.t.t().to(torch.float64) / math.sqrt(exact.x.shape[0])  # t = √k·Aᵀ
     x, t, x64 = exact.x, exact.t, None
     if rows is not None:  # judged on the data loss over the rows
         x64 = rows.to(op.blocks.device, torch.float64)
         x, t = x64.to(op.blocks.dtype), (x64 @ a.t()).to(op.blocks.dtype)
-    before, loss_before = op.blocks.detach().clone(), _probe_loss(op, x, t)
+    lengths = round_lengths(config.sweeps, config.rounds)
+    between = Phase(1.0, config.resolved_phases()[-1].lr, 0.0)
+    best = [_probe_loss(op, x, t), op.blocks.detach().clone(), 0]  # loss, blocks, sweeps done
+    done, t0 = 0, time.perf_counter()
+
+    def keep_if_best() -> None:
+        loss = _probe_loss(op, x, t)
+        if loss < best[0]:
+            best[:] = [loss, op.blocks.detach().clone(), done]
+
+    def report(info: SweepInfo, r: int) -> None:
+        nonlocal done
+        if info.sweep == 0 and r > 0:  # the loss the round starts from: reported as the last one's end
+            return
+        done = sum(lengths[:r]) + info.sweep
+        info = SweepInfo(done, config.sweeps, info.mse, time.perf_counter() - t0, r + 1, len(lengths))
+        _emit(callbacks, "on_sweep", info)
+
     interrupted = False
-    done: list[Any] = []
     try:
-        als_sweeps(
-            blocks,
-            op.perms,
-            a,
-            sweeps,
-            on_sweep=lambda info: (done.append(info), _emit(callbacks, "on_sweep", info)),
-            should_stop=should_stop,
-            x=x64,
-        )
+        for r, length in enumerate(lengths):
+            if r:
+                _steps_between(op, config, x, t, between, should_stop)
+                if _probe_loss(op, x, t) >= best[0]:
+                    with torch.no_grad():
+                        op.blocks.copy_(best[1])
+            blocks = op.blocks.detach().to(torch.float64)
+            try:
+                on_sweep = functools.partial(report, r=r)
+                als_sweeps(blocks, op.perms, a, length, on_sweep=on_sweep, should_stop=should_stop, x=x64)
+            finally:  # on Ctrl-C the blocks hold the last layer solved, which lowered the loss
+                with torch.no_grad():
+                    op.blocks.copy_(blocks)
+                keep_if_best()
+            if should_stop is not None and should_stop():
+                break
     except KeyboardInterrupt:
         interrupted = True
     with torch.no_grad():
-        op.blocks.copy_(blocks)
-        if _probe_loss(op, x, t) >= loss_before:
-            op.blocks.copy_(before)
-            done.clear()
-    return (done[-1].sweep if done else 0), interrupted
+        op.blocks.copy_(best[1])
+    return best[2], interrupted
+
+
+def _steps_between(
+    op: GTilde,
+    config: FitConfig,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    phase: Phase,
+    should_stop: Callable[[], bool] | None,
+) -> None:
+    """``config.round_steps`` Adam steps on ``(x, t)`` from a fresh optimiser state (between two
+    rounds of sweeps); ``should_stop`` is asked every ``eval_every`` steps."""
+    step = make_step(op, config, t.shape[1])
+    for i in range(config.round_steps):
+        step(x, t, phase)
+        if should_stop is not None and (i + 1) % config.eval_every == 0 and should_stop():
+            break
 
 
 def _probe_loss(op: GTilde, x: torch.Tensor, t: torch.Tensor) -> float:
@@ -644,7 +690,7 @@ def fit(
     sweeps_run = 0
     if config.sweeps and not interrupted:
         rows = getattr(probes, "sweep_rows", None)
-        sweeps_run, interrupted = _sweep(op, _exact_for(source, tgt, op), config.sweeps, callbacks, should_stop, rows)
+        sweeps_run, interrupted = _sweep(op, _exact_for(source, tgt, op), config, callbacks, should_stop, rows)
     fit_seconds = time.perf_counter() - reporter.t0
     error = (
         _keep_start_if_better(op, tgt, start_blocks, config.seed, probes) if start_blocks is not None and done else None

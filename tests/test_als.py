@@ -184,7 +184,7 @@ def test_fit_with_sweeps_starts_from_the_adam_result_and_lowers_the_error():
 
 
 def test_sweeps_config_validation_and_version():
-    assert FitConfig(sweeps=3).to_dict()["sweeps"] == 3 and CONFIG_VERSION == 4
+    assert FitConfig(sweeps=3).to_dict()["sweeps"] == 3 and CONFIG_VERSION == 5
     assert FitConfig().sweeps is None and FitConfig.from_dict(FitConfig().to_dict()).sweeps is None
     old = FitConfig().to_dict()
     old.pop("sweeps")
@@ -299,6 +299,12 @@ def test_cli_fit_with_sweeps(tmp_path):
     assert table.exit_code == 0 and "least-squares sweeps" in table.output and " of 3" in table.output, table.output
     bad = runner.invoke(app, ["fit", str(src), "--sweeps", "-2", "-o", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and "sweeps must be" in bad.output
+    assert not (tmp_path / "x.safetensors").exists()
+    rounds = ["fit", str(src), "--depth", "8", "--steps", "100", "--batch", "16", "--sweeps", "4", "--rounds", "2"]
+    two = runner.invoke(app, [*rounds, "--round-steps", "20", "-o", str(out)])
+    assert two.exit_code == 0 and "in 2 rounds" in two.output, two.output
+    bad = runner.invoke(app, [*rounds, "--round-steps", "0", "-o", str(tmp_path / "x.safetensors")])
+    assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0 and "round-steps must be" in bad.output
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -447,3 +453,94 @@ def test_fit_sweeps_on_the_probes_data_loss():
     with torch.no_grad():
         plain.blocks.copy_(blind)
     assert data_relative_error(plain, a, probes.train) > err["data"]
+
+
+def test_round_lengths_split_the_sweeps_evenly():
+    from sparsefit.fitting import round_lengths
+
+    assert round_lengths(15, 1) == [15]
+    assert round_lengths(15, 4) == [4, 4, 4, 3]
+    assert round_lengths(3, 4) == [1, 1, 1]  # at most one round per sweep
+    assert round_lengths(1, 1) == [1]
+
+
+def test_rounds_config_validation_and_version():
+    assert FitConfig().rounds >= 1 and FitConfig().round_steps >= 1
+    cfg = FitConfig(sweeps=6, rounds=3, round_steps=20)
+    back = FitConfig.from_dict(cfg.to_dict())
+    assert (back.sweeps, back.rounds, back.round_steps) == (6, 3, 20)
+    old = FitConfig(sweeps=6).to_dict()
+    del old["rounds"], old["round_steps"]
+    old["version"] = 4  # written before rounds existed: the sweeps ran in one round
+    assert FitConfig.from_dict(old).rounds == 1
+    for name in ("rounds", "round_steps"):
+        for bad in (0, -2, True, 1.5):
+            with pytest.raises(SparsefitError, match=name.replace("_", "-")):
+                FitConfig(**{name: bad})
+
+
+def test_fit_in_rounds_reports_each_sweep_once_keeps_the_best_and_repeats_bytes():
+    a = sparsefit.synth("sparse", size=24, k=3, seed=1)[:, :17]  # rectangular, width 48
+    cfg = FitConfig(depth=10, steps=300, batch=32, eval_every=50, backend="torch", seed=2, sweeps=6, rounds=3)
+    cfg = cfg.replace(round_steps=40)
+    seen = []
+
+    class Log:
+        def on_sweep(self, info):
+            seen.append(info)
+
+    r = fit(a, cfg, [Log()])
+    assert [s.sweep for s in seen] == list(range(len(seen)))  # counted across rounds, no repeats
+    assert all(s.total == 6 and s.rounds == 3 for s in seen)
+    assert [s.round for s in seen] == sorted(s.round for s in seen) and seen[-1].round == 3
+    norm2 = float(np.sum(a.astype(np.float64) ** 2))
+    start = (seen[0].mse * a.shape[0] / norm2) ** 0.5
+    assert r.metrics.relative_error < start
+    assert 1 <= r.metrics.sweeps_run <= 6
+    one_round = fit(a, cfg.replace(rounds=1))
+    assert not torch.equal(one_round.operator.blocks, r.operator.blocks)  # the Adam steps ran
+    again = fit(a, cfg)
+    assert torch.equal(again.operator.blocks, r.operator.blocks)
+
+
+def test_steps_between_rounds_that_raise_the_loss_are_undone(monkeypatch):
+    """Adam steps between rounds that make things worse are dropped: the next round starts from
+    the best blocks so far, and what is kept is never worse than the best round's end."""
+    import sparsefit.fitting as fitting
+
+    calls = []
+
+    def scramble(op, config, x, t, phase, should_stop):
+        calls.append(phase)
+        with torch.no_grad():
+            op.blocks.mul_(3.0)
+
+    a = sparsefit.synth("sparse", size=12, k=2, seed=0)
+    cfg = FitConfig(depth=6, steps=80, batch=16, eval_every=20, backend="torch", seed=0, sweeps=4, rounds=2)
+    ends = []
+
+    class Log:
+        def on_sweep(self, info):
+            ends.append(info)
+
+    monkeypatch.setattr(fitting, "_steps_between", scramble)
+    r = fit(a, cfg, [Log()])
+    assert len(calls) == 1 and calls[0].reg == 0.0 and calls[0].lr == cfg.resolved_phases()[-1].lr
+    first_round_end = [s.mse for s in ends if s.round == 1][-1]
+    assert ends[-1].round == 2 and ends[-1].mse <= first_round_end  # round 2 started from round 1's end
+    kept = float(((r.operator.to_dense().double() - torch.as_tensor(a).double()) ** 2).sum()) / a.shape[0]
+    assert kept == pytest.approx(min(s.mse for s in ends), rel=1e-4)
+
+
+def test_steps_between_rounds_lower_the_data_loss():
+    """The Adam steps between rounds minimise the sweeps' loss: with data rows, the data loss."""
+    from sparsefit.config import Phase
+    from sparsefit.fitting import _probe_loss, _steps_between
+
+    op = GTilde(9, 7, 6, 18, seed=5)
+    a = torch.randn(7, 9, generator=_gen(3))
+    rows = torch.randn(23, 9, generator=_gen(4)) @ torch.diag(torch.linspace(0.1, 2.0, 9))
+    x, t = rows, rows @ a.t()
+    before = _probe_loss(op, x, t)
+    _steps_between(op, FitConfig(round_steps=60, backend="torch"), x, t, Phase(1.0, 1e-2, 0.0), None)
+    assert _probe_loss(op, x, t) < 0.8 * before

@@ -11,7 +11,7 @@ from ..autosize import AutoFitResult, Trial, fit_auto
 from ..config import INITS, LOSSES, SCHEDULES, FitConfig
 from ..errors import SparsefitError
 from ..fileformat import check_output_path
-from ..fitting import FitResult, fit
+from ..fitting import FitResult, fit, round_lengths
 from ..targets import load_target
 from .app import app, err_console, user_errors
 from .report import FitProgress, check_json_target, emit_json, fmt, key_value_table
@@ -59,8 +59,9 @@ def _sweeps(r: FitResult) -> str:
     elif ran == 0:
         why = " (none kept: no gain at the fit's precision)"
     else:
-        why = "" if ran == asked else " (converged)"
-    return f"{ran} of {asked}{why}"
+        why = "" if ran == asked else " (converged)" if r.config.rounds == 1 else " (the best round's)"
+    rounds = len(round_lengths(asked, r.config.rounds))
+    return f"{ran} of {asked}{why}" + (f", in {rounds} rounds" if rounds > 1 else "")
 
 
 def _stages(r: FitResult) -> str:
@@ -172,6 +173,20 @@ def fit_command(
             show_default="auto",
         ),
     ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="Run the sweeps in this many rounds, with --round-steps Adam steps on the exact loss "
+            "between two rounds (they move all layers at once and let the next sweeps go further; "
+            "docs/quality.md §14). The best round's blocks are kept.",
+        ),
+    ] = _DEFAULTS.rounds,
+    round_steps: Annotated[
+        int,
+        typer.Option(
+            help="Adam steps between two rounds of sweeps (fresh optimiser, the schedule's last learning rate)."
+        ),
+    ] = _DEFAULTS.round_steps,
     target_error: Annotated[
         float | None,
         typer.Option(
@@ -224,6 +239,8 @@ def fit_command(
         loss=loss,
         grow=grow,
         sweeps=sweeps,
+        rounds=rounds,
+        round_steps=round_steps,
     )
     out = check_output_path(output or default_output(matrix))
     check_json_target(json_out)

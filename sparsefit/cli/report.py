@@ -73,7 +73,8 @@ class FitProgress:
         if self.sweep_task is None:
             self.sweep_task = self.progress.add_task("sweeps", total=s.total, mse="—", rate="—")
         rate = f"{60 * s.sweep / s.seconds:.1f} sweep/min" if s.sweep and s.seconds > 0 else "—"
-        self.progress.update(self.sweep_task, completed=s.sweep, mse=f"{s.mse:.3e}", rate=rate)
+        label = "sweeps" if s.rounds == 1 else f"sweeps, round {s.round}/{s.rounds}"
+        self.progress.update(self.sweep_task, description=label, completed=s.sweep, mse=f"{s.mse:.3e}", rate=rate)
 
 
 def check_json_target(path: str | None) -> None:
