@@ -73,7 +73,7 @@ def run_one(
         "polish": args.polish,
         "grow": args.grow,
         "sweeps": r.config.sweeps,  # the count asked or, with --sweeps auto, the one fit resolved
-        "rounds": args.rounds,
+        "rounds": len(r.config.sweep_rounds(r.config.sweeps or 0)),
         "round_steps": args.round_steps,
         "sweeps_kept": m.sweeps_run,
         "permutations": args.permutations,
@@ -108,6 +108,15 @@ def _sweeps(text: str) -> int | None:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("--sweeps takes a count >= 0 or 'auto'")
+    return value
+
+
+def _rounds(text: str) -> int | None:
+    if text == "auto":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("--rounds takes a count >= 1 or 'auto'")
     return value
 
 
@@ -179,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         help="least-squares sweeps at the end (FitConfig.sweeps); 'auto' is the library's default, "
         "as many as the steps afford",
     )
-    ap.add_argument("--rounds", type=int, default=FitConfig.rounds, help="rounds of sweeps (FitConfig.rounds)")
+    ap.add_argument(
+        "--rounds",
+        type=_rounds,
+        default=None,
+        help="rounds of sweeps (FitConfig.rounds); default/'auto': the library's",
+    )
     ap.add_argument(
         "--round-steps",
         type=int,

@@ -41,7 +41,15 @@ import torch
 from .errors import SparsefitError
 from .kernels.sweep import congruence, hessian_product, mix_gather
 
-__all__ = ["ALS_MAX_WIDTH", "AUTO_SWEEPS", "SweepInfo", "affordable_sweeps", "als_sweeps", "check_als_width"]
+__all__ = [
+    "ALS_MAX_WIDTH",
+    "AUTO_SWEEPS",
+    "SWEEPS_PER_ROUND",
+    "SweepInfo",
+    "affordable_sweeps",
+    "als_sweeps",
+    "check_als_width",
+]
 
 #: The widest operator a sweep is allowed on: a sweep keeps ``Q_j`` (``out × width``) and
 #: ``Q_jᵀQ_j`` (``width²``) in float64 for about ``2·√depth`` layers (width 4096, depth 44: 2.8 GB),
@@ -53,6 +61,9 @@ DAMPING = 1e-9
 TOLERANCE = 1e-4
 #: The most sweeps the default (``FitConfig.sweeps = None``) runs.
 AUTO_SWEEPS = 15
+#: Sweeps per round by default (``FitConfig.rounds = None``): between two rounds, Adam steps on
+#: the same loss move all layers at once and the next sweep gains most (``docs/quality.md`` §14).
+SWEEPS_PER_ROUND = 2
 #: What one sweep costs in Adam steps with one probe, per unit of width: a sweep is ``depth`` layer
 #: solves of ``O(width²)`` work each (no dense products), an Adam step ``depth·width·batch``.
 #: ``benchmarks/bench_sweep.py`` measures it: 73 at width 2048, depth 40 on a 2-core Xeon (a sweep

@@ -43,6 +43,16 @@ class VersionedConfig:
         d["version"] = self.VERSION
         return d
 
+    def sweep_rounds(self, sweeps: int) -> list[int]:
+        """The sweeps of each round when ``sweeps`` run: split as evenly as possible over
+        ``rounds`` rounds (``None``: one per :data:`sparsefit.als.SWEEPS_PER_ROUND` sweeps), at
+        most one round per sweep, the longer rounds first."""
+        from .als import SWEEPS_PER_ROUND
+
+        wanted = -(-sweeps // SWEEPS_PER_ROUND) if self.rounds is None else self.rounds
+        rounds = max(1, min(wanted, sweeps))
+        return [sweeps // rounds + (r < sweeps % rounds) for r in range(rounds)]
+
     @classmethod
     def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
         """Rewrite a dict written at an older ``version`` into the current keys (none so far)."""
@@ -205,8 +215,9 @@ class FitConfig(VersionedConfig):
     ``rounds``: the sweeps run in this many rounds (at most one per sweep), with ``round_steps``
     Adam steps on the sweeps' loss between two rounds (fresh optimiser state, the last phase's
     learning rate, no regulariser): the steps move all layers at once, which the sweeps cannot,
-    and lift the sweeps out of the slow stretch they end in (``docs/quality.md`` §14). The best
-    blocks seen at the end of a round are kept.
+    and the sweeps after them go further (``docs/quality.md`` §14). The best blocks seen at the
+    end of a round are kept. ``None`` (the default) means a round per
+    :data:`sparsefit.als.SWEEPS_PER_ROUND` sweeps; 1 runs the sweeps back to back.
     ``grow``: depth doublings. With ``grow = g`` the fit runs in ``g + 1`` stages of equal steps:
     the first at depth ``ceil(depth / 2^g)`` with the schedule, each next one at twice the depth
     (identity layers inserted, the matrix unchanged, see :func:`sparsefit.operator.extend_operator`)
@@ -231,8 +242,8 @@ class FitConfig(VersionedConfig):
     polish: int = 0
     grow: int = 0
     sweeps: int | None = None
-    rounds: int = 1
-    round_steps: int = 400
+    rounds: int | None = None
+    round_steps: int = 200
 
     KIND: ClassVar[str] = "fit config"
     VERSION: ClassVar[int] = CONFIG_VERSION
@@ -273,6 +284,8 @@ class FitConfig(VersionedConfig):
             raise SparsefitError(f"sweeps must be a whole number >= 0 of least-squares sweeps, got {self.sweeps!r}")
         for name in ("rounds", "round_steps"):
             value = getattr(self, name)
+            if value is None and name == "rounds":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SparsefitError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
         if isinstance(self.grow, bool) or not isinstance(self.grow, int) or not (0 <= self.grow <= MAX_GROW):

@@ -460,13 +460,6 @@ def polish(
     return losses
 
 
-def round_lengths(sweeps: int, rounds: int) -> list[int]:
-    """The sweeps of each round: ``sweeps`` split as evenly as possible over ``min(rounds, sweeps)``
-    rounds, the longer ones first."""
-    rounds = max(1, min(rounds, sweeps))
-    return [sweeps // rounds + (r < sweeps % rounds) for r in range(rounds)]
-
-
 def _sweep(
     op: GTilde,
     exact: ExactProbes,
@@ -476,7 +469,8 @@ def _sweep(
     rows: torch.Tensor | None = None,
 ) -> tuple[int, bool]:
     """``config.sweeps`` least-squares sweeps on ``op`` (in float64, then back to its dtype), in
-    ``config.rounds`` rounds with ``config.round_steps`` Adam steps between two rounds. The loss is
+    rounds (:meth:`FitConfig.sweep_rounds`) with ``config.round_steps`` Adam steps between two
+    rounds. The loss is
     ``||G~ − A||²_F``, or with ``rows`` (the probes' ``sweep_rows``, ``(p, in)``) the data loss
     ``||(G~ − A)·rowsᵀ||²_F``; the Adam steps between rounds minimise the same loss. Keeps the
     blocks with the lowest loss in ``op``'s dtype among the start and the end of each round (Adam
@@ -487,7 +481,7 @@ def _sweep(
     if rows is not None:  # judged on the data loss over the rows
         x64 = rows.to(op.blocks.device, torch.float64)
         x, t = x64.to(op.blocks.dtype), (x64 @ a.t()).to(op.blocks.dtype)
-    lengths = round_lengths(config.sweeps, config.rounds)
+    lengths = config.sweep_rounds(config.sweeps)
     between = Phase(1.0, config.resolved_phases()[-1].lr, 0.0)
     best = [_probe_loss(op, x, t), op.blocks.detach().clone(), 0]  # loss, blocks, sweeps done
     done, t0 = 0, time.perf_counter()

@@ -389,7 +389,7 @@ def test_sweeps_whose_result_is_dropped_count_as_none(monkeypatch):
     assert torch.equal(r.operator.blocks, plain.operator.blocks)
     from sparsefit.cli.cmd_fit import _sweeps
 
-    assert _sweeps(r) == "0 of 3 (none kept: no gain at the fit's precision)"
+    assert _sweeps(r) == "0 of 3 (none kept: no gain at the fit's precision), in 2 rounds"
 
 
 def _data_loss(blocks, perms, a, x):
@@ -455,17 +455,16 @@ def test_fit_sweeps_on_the_probes_data_loss():
     assert data_relative_error(plain, a, probes.train) > err["data"]
 
 
-def test_round_lengths_split_the_sweeps_evenly():
-    from sparsefit.fitting import round_lengths
-
-    assert round_lengths(15, 1) == [15]
-    assert round_lengths(15, 4) == [4, 4, 4, 3]
-    assert round_lengths(3, 4) == [1, 1, 1]  # at most one round per sweep
-    assert round_lengths(1, 1) == [1]
+def test_sweep_rounds_split_the_sweeps_evenly():
+    assert FitConfig(rounds=1).sweep_rounds(15) == [15]
+    assert FitConfig(rounds=4).sweep_rounds(15) == [4, 4, 4, 3]
+    assert FitConfig(rounds=4).sweep_rounds(3) == [1, 1, 1]  # at most one round per sweep
+    assert FitConfig().sweep_rounds(15) == [2] * 7 + [1]  # the default: a round per two sweeps
+    assert FitConfig().sweep_rounds(3) == [2, 1] and FitConfig().sweep_rounds(1) == [1]
 
 
 def test_rounds_config_validation_and_version():
-    assert FitConfig().rounds >= 1 and FitConfig().round_steps >= 1
+    assert FitConfig().rounds is None and FitConfig().round_steps == 200
     cfg = FitConfig(sweeps=6, rounds=3, round_steps=20)
     back = FitConfig.from_dict(cfg.to_dict())
     assert (back.sweeps, back.rounds, back.round_steps) == (6, 3, 20)

@@ -11,7 +11,7 @@ from ..autosize import AutoFitResult, Trial, fit_auto
 from ..config import INITS, LOSSES, SCHEDULES, FitConfig
 from ..errors import SparsefitError
 from ..fileformat import check_output_path
-from ..fitting import FitResult, fit, round_lengths
+from ..fitting import FitResult, fit
 from ..targets import load_target
 from .app import app, err_console, user_errors
 from .report import FitProgress, check_json_target, emit_json, fmt, key_value_table
@@ -54,13 +54,13 @@ def _sweeps(r: FitResult) -> str:
     ran, asked = r.metrics.sweeps_run, r.config.sweeps or 0
     if not asked:
         return "none"
+    rounds = len(r.config.sweep_rounds(asked))
     if r.metrics.interrupted:
         why = " (interrupted)"
     elif ran == 0:
         why = " (none kept: no gain at the fit's precision)"
     else:
-        why = "" if ran == asked else " (converged)" if r.config.rounds == 1 else " (the best round's)"
-    rounds = len(round_lengths(asked, r.config.rounds))
+        why = "" if ran == asked else " (converged)" if rounds == 1 else " (the best round's)"
     return f"{ran} of {asked}{why}" + (f", in {rounds} rounds" if rounds > 1 else "")
 
 
@@ -174,13 +174,15 @@ def fit_command(
         ),
     ] = None,
     rounds: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="Run the sweeps in this many rounds, with --round-steps Adam steps on the exact loss "
             "between two rounds (they move all layers at once and let the next sweeps go further; "
-            "docs/quality.md §14). The best round's blocks are kept.",
+            "docs/quality.md §14). The best round's blocks are kept. Default: one round per 2 sweeps; "
+            "1: the sweeps back to back.",
+            show_default="auto",
         ),
-    ] = _DEFAULTS.rounds,
+    ] = None,
     round_steps: Annotated[
         int,
         typer.Option(
