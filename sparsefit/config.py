@@ -43,16 +43,6 @@ class VersionedConfig:
         d["version"] = self.VERSION
         return d
 
-    def sweep_rounds(self, sweeps: int) -> list[int]:
-        """The sweeps of each round when ``sweeps`` run: split as evenly as possible over
-        ``rounds`` rounds (``None``: one per :data:`sparsefit.als.SWEEPS_PER_ROUND` sweeps), at
-        most one round per sweep, the longer rounds first."""
-        from .als import SWEEPS_PER_ROUND
-
-        wanted = -(-sweeps // SWEEPS_PER_ROUND) if self.rounds is None else self.rounds
-        rounds = max(1, min(wanted, sweeps))
-        return [sweeps // rounds + (r < sweeps % rounds) for r in range(rounds)]
-
     @classmethod
     def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
         """Rewrite a dict written at an older ``version`` into the current keys (none so far)."""
@@ -336,6 +326,16 @@ class FitConfig(VersionedConfig):
         from .als import affordable_sweeps
 
         return 0 if custom_probes else affordable_sweeps(width, self.steps, self.batch)
+
+    def sweep_rounds(self, sweeps: int) -> list[int]:
+        """The sweeps of each round when ``sweeps`` run: split as evenly as possible over
+        ``rounds`` rounds (``None``: one per :data:`sparsefit.als.SWEEPS_PER_ROUND` sweeps), at
+        most one round per sweep, the longer rounds first."""
+        from .als import SWEEPS_PER_ROUND
+
+        wanted = -(-sweeps // SWEEPS_PER_ROUND) if self.rounds is None else self.rounds
+        rounds = max(1, min(wanted, sweeps))
+        return [sweeps // rounds + (r < sweeps % rounds) for r in range(rounds)]
 
     @classmethod
     def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:

@@ -470,12 +470,13 @@ def _sweep(
 ) -> tuple[int, bool]:
     """``config.sweeps`` least-squares sweeps on ``op`` (in float64, then back to its dtype), in
     rounds (:meth:`FitConfig.sweep_rounds`) with ``config.round_steps`` Adam steps between two
-    rounds. The loss is
-    ``||G~ − A||²_F``, or with ``rows`` (the probes' ``sweep_rows``, ``(p, in)``) the data loss
-    ``||(G~ − A)·rowsᵀ||²_F``; the Adam steps between rounds minimise the same loss. Keeps the
-    blocks with the lowest loss in ``op``'s dtype among the start and the end of each round (Adam
-    steps that raise it are undone). Returns the sweeps done up to the blocks kept (0 when none
-    lowered the loss) and whether Ctrl-C stopped them (the best reached is kept)."""
+    rounds. The loss is ``||G~ − A||²_F``, or with ``rows`` (the probes' ``sweep_rows``,
+    ``(p, in)``) the data loss ``||(G~ − A)·rowsᵀ||²_F``; the Adam steps minimise the same loss.
+    Keeps the blocks with the lowest loss in ``op``'s dtype among the start and the end of each
+    round (Adam steps that raise it are undone). A round ends early when a sweep gains too little
+    (:data:`sparsefit.als.TOLERANCE`); sweeps are counted as run. Returns the sweeps run up to the
+    blocks kept (0 when none lowered the loss) and whether Ctrl-C stopped them (the best reached
+    is kept)."""
     a = exact.t.t().to(torch.float64) / math.sqrt(exact.x.shape[0])  # t = √k·Aᵀ
     x, t, x64 = exact.x, exact.t, None
     if rows is not None:  # judged on the data loss over the rows
@@ -484,18 +485,18 @@ def _sweep(
     lengths = config.sweep_rounds(config.sweeps)
     between = Phase(1.0, config.resolved_phases()[-1].lr, 0.0)
     best = [_probe_loss(op, x, t), op.blocks.detach().clone(), 0]  # loss, blocks, sweeps done
-    done, t0 = 0, time.perf_counter()
+    done, t0 = 0, time.perf_counter()  # sweeps run so far
 
     def keep_if_best() -> None:
         loss = _probe_loss(op, x, t)
         if loss < best[0]:
             best[:] = [loss, op.blocks.detach().clone(), done]
 
-    def report(info: SweepInfo, r: int) -> None:
+    def report(info: SweepInfo, r: int, before: int) -> None:
         nonlocal done
         if info.sweep == 0 and r > 0:  # the loss the round starts from: reported as the last one's end
             return
-        done = sum(lengths[:r]) + info.sweep
+        done = before + info.sweep
         info = SweepInfo(done, config.sweeps, info.mse, time.perf_counter() - t0, r + 1, len(lengths))
         _emit(callbacks, "on_sweep", info)
 
@@ -509,7 +510,7 @@ def _sweep(
                         op.blocks.copy_(best[1])
             blocks = op.blocks.detach().to(torch.float64)
             try:
-                on_sweep = functools.partial(report, r=r)
+                on_sweep = functools.partial(report, r=r, before=done)
                 als_sweeps(blocks, op.perms, a, length, on_sweep=on_sweep, should_stop=should_stop, x=x64)
             finally:  # on Ctrl-C the blocks hold the last layer solved, which lowered the loss
                 with torch.no_grad():

@@ -478,9 +478,10 @@ def test_rounds_config_validation_and_version():
                 FitConfig(**{name: bad})
 
 
-def test_fit_in_rounds_reports_each_sweep_once_keeps_the_best_and_repeats_bytes():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fit_in_rounds_reports_each_sweep_once_keeps_the_best_and_repeats_bytes(backend):
     a = sparsefit.synth("sparse", size=24, k=3, seed=1)[:, :17]  # rectangular, width 48
-    cfg = FitConfig(depth=10, steps=300, batch=32, eval_every=50, backend="torch", seed=2, sweeps=6, rounds=3)
+    cfg = FitConfig(depth=10, steps=300, batch=32, eval_every=50, backend=backend, seed=2, sweeps=6, rounds=3)
     cfg = cfg.replace(round_steps=40)
     seen = []
 

@@ -208,7 +208,8 @@ def compress_command(
         typer.Option(
             help="Least-squares sweeps after each G~ fit (each layer's blocks solved in turn), on the data loss "
             "over the calibration inputs when there are any, else on the weight itself; they lower a G~'s error "
-            "but cost more than its Adam steps at large depths (docs/quality.md §13). 0: none.",
+            "but cost more than its Adam steps at large depths (docs/quality.md §13); in rounds of two with 200 Adam "
+            "steps between them (§14). 0: none.",
         ),
     ] = 0,
     seed: Annotated[int, typer.Option(help="Seeds permutations, initialisation and probes.")] = 0,
