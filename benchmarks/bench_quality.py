@@ -102,22 +102,18 @@ class SweepLog:
         self.into.append(info)
 
 
-def _sweeps(text: str) -> int | None:
-    if text == "auto":
-        return None
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("--sweeps takes a count >= 0 or 'auto'")
-    return value
+def _count_or_auto(flag: str, minimum: int):
+    """An argparse type: ``auto`` (None, the library's default) or a whole number >= ``minimum``."""
 
+    def parse(text: str) -> int | None:
+        if text == "auto":
+            return None
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} takes a count >= {minimum} or 'auto'")
+        return value
 
-def _rounds(text: str) -> int | None:
-    if text == "auto":
-        return None
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("--rounds takes a count >= 1 or 'auto'")
-    return value
+    return parse
 
 
 def _key(r: dict) -> tuple:
@@ -183,14 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grow", type=int, default=0, help="depth doublings (FitConfig.grow)")
     ap.add_argument(
         "--sweeps",
-        type=_sweeps,
+        type=_count_or_auto("--sweeps", 0),
         default=0,
         help="least-squares sweeps at the end (FitConfig.sweeps); 'auto' is the library's default, "
         "as many as the steps afford",
     )
     ap.add_argument(
         "--rounds",
-        type=_rounds,
+        type=_count_or_auto("--rounds", 1),
         default=None,
         help="rounds of sweeps (FitConfig.rounds); default/'auto': the library's",
     )
