@@ -82,6 +82,32 @@ def test_same_command_same_bytes(tmp_path, perm):
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_same_bytes_in_fresh_processes_on_any_thread_count(tmp_path):
+    # The README's promise end to end: a new process (numba's cache, a fresh segment tuner) on one
+    # thread or all of them writes the same file; Gaussian probes, the fused float32 step, the
+    # sweeps in rounds and the steps between them all run (width 512, batch 96: several chunk groups).
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "P.npy"
+    assert run("synth", "perm", "--size", 256, "-o", target).exit_code == 0
+    args = ["--depth", "8", "--steps", "150", "--batch", "96", "--sweeps", "2", "--rounds", "2", "--round-steps", "20"]
+    outs = []
+    for name, threads in (("a", None), ("b", "1"), ("c", None)):
+        env = dict(os.environ)
+        if threads:
+            env.update(NUMBA_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        out = tmp_path / f"{name}.safetensors"
+        cmd = [sys.executable, "-m", "sparsefit", "fit", str(target), *args, "-o", str(out), "--json", "-", "--quiet"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["sweeps_run"] == 2 and report["config"]["backend"] == "auto"
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
 def test_info(tmp_path, perm):
     out = tmp_path / "P.safetensors"
     assert run("fit", perm, *FAST, "-o", out).exit_code == 0
