@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -86,10 +89,9 @@ def test_same_bytes_in_fresh_processes_on_any_thread_count(tmp_path):
     # The README's promise end to end: a new process (numba's cache, a fresh segment tuner) on one
     # thread or all of them writes the same file; Gaussian probes, the fused float32 step, the
     # sweeps in rounds and the steps between them all run (width 512, batch 96: several chunk groups).
-    import os
-    import subprocess
-    import sys
+    from sparsefit.kernels import fused_cpu_available
 
+    assert fused_cpu_available()  # numba is a dependency: auto on the CPU is the fused step
     target = tmp_path / "P.npy"
     assert run("synth", "perm", "--size", 256, "-o", target).exit_code == 0
     args = ["--depth", "8", "--steps", "150", "--batch", "96", "--sweeps", "2", "--rounds", "2", "--round-steps", "20"]
@@ -103,7 +105,7 @@ def test_same_bytes_in_fresh_processes_on_any_thread_count(tmp_path):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
-        assert report["sweeps_run"] == 2 and report["config"]["backend"] == "auto"
+        assert report["sweeps_run"] == 2
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] == outs[2]
 
